@@ -1,0 +1,47 @@
+# tokenwire: `make run` serves the app, `make test` runs every check. Both set up what they
+# need on a fresh machine (a .venv, and as root Debian's chromium and redis-server).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := chromium redis-server
+
+.PHONY: run test lint pytest venv system-deps clean
+
+run: venv
+	$(PY) -m backend
+
+test: venv system-deps lint pytest
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian's chromium (e2e tests) and redis-server (multi-node tests), installed when missing.
+system-deps:
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "tokenwire: the tests need$$missing; install with: sudo apt-get install$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check backend tests e2e
+	$(VENV)/bin/ruff format --check backend tests e2e
+	$(VENV)/bin/mypy
+
+pytest: venv
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,161 @@
+"""`create_app(settings)`: the parts wired together, the routes, the lifespan. Wiring only.
+
+The `Runtime` holds every part of one server process. It is built here and opened by the
+app's lifespan (which owns its resources); `backend.__main__` also reaches it to close
+every WebSocket with 1001 before uvicorn's own shutdown would close them with 1012.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.datastructures import State
+from litestar.static_files import create_static_files_router
+
+from backend.broker import Broker, MemoryBroker
+from backend.chat import ChatService
+from backend.history import SqliteHistory
+from backend.history.base import History
+from backend.idempotency import MemoryRequestRegistry
+from backend.providers import DemoProvider, OpenAIProvider
+from backend.providers.base import Provider
+from backend.security import Identity, identity_middleware
+from backend.settings import Settings
+from backend.streams import MemoryStreamLog, StreamLog
+from backend.transports.websocket import Hub, ws_endpoint
+
+log = logging.getLogger(__name__)
+
+FRONTEND_DIR: Final = Path(__file__).resolve().parent.parent / "frontend"
+
+
+@dataclass
+class Metrics:
+    """Counters since start; gauges are read from the parts when scraped."""
+
+    slow_consumer_closes: int = 0
+    heartbeat_timeouts: int = 0
+
+
+@dataclass(eq=False)
+class Runtime:
+    settings: Settings
+    hub: Hub = field(default_factory=Hub)
+    metrics: Metrics = field(default_factory=Metrics)
+    # Set while the app runs (see `lifespan`).
+    broker: Broker = field(init=False)
+    log: StreamLog = field(init=False)
+    history: History = field(init=False)
+    provider: Provider = field(init=False)
+    chat: ChatService = field(init=False)
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        s = self.settings
+        self.broker = MemoryBroker()
+        self.log = MemoryStreamLog(max_tokens=s.stream_max_tokens)
+        self.history = await SqliteHistory.open(s.db)
+        self.provider = make_provider(s)
+        self.chat = ChatService(
+            log=self.log,
+            broker=self.broker,
+            history=self.history,
+            provider=self.provider,
+            registry=MemoryRequestRegistry(),
+            stream_ttl=s.stream_ttl,
+            max_tokens=s.stream_max_tokens,
+            context_messages=s.context_messages,
+        )
+        log.info("tokenwire node %s ready (provider %s)", s.node, self.provider.name)
+        try:
+            yield
+        finally:
+            await self.chat.aclose()
+            await self.provider.aclose()
+            await self.history.aclose()
+            await self.log.aclose()
+            await self.broker.aclose()
+
+    async def drain(self) -> None:
+        """Shutdown, step one: every WebSocket client is told 1001 (reconnect at once)."""
+        await self.hub.close_all(1001, "server going away", timeout=self.settings.shutdown_timeout)
+
+
+def make_provider(s: Settings) -> Provider:
+    if s.provider == "openai":
+        return OpenAIProvider(
+            base_url=s.openai_base_url,
+            api_key=s.openai_api_key,
+            model=s.openai_model,
+            timeout=s.provider_timeout,
+        )
+    return DemoProvider(
+        first_token_delay=s.demo_first_token_delay,
+        tokens_per_second=s.demo_tokens_per_second,
+        paragraphs=s.demo_paragraphs,
+    )
+
+
+@get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
+def healthz(state: State) -> dict[str, Any]:
+    runtime: Runtime = state.runtime
+    return {"status": "ok", "node": runtime.settings.node}
+
+
+@get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)
+def metrics(state: State) -> Response[str]:
+    """Prometheus text format."""
+    r: Runtime = state.runtime
+    values = [
+        ("tokenwire_connections", "gauge", "Open WebSocket connections", len(r.hub.connections)),
+        ("tokenwire_streams_active", "gauge", "Generations running", r.chat.active_streams),
+        ("tokenwire_stream_logs", "gauge", "Stream logs held", len(r.log)),
+        ("tokenwire_subscriptions", "gauge", "Broker listeners", r.broker.subscriptions()),
+        (
+            "tokenwire_generations_total",
+            "counter",
+            "Generations started",
+            r.chat.generations_started,
+        ),
+        (
+            "tokenwire_slow_consumer_closes_total",
+            "counter",
+            "Connections closed with 4001",
+            r.metrics.slow_consumer_closes,
+        ),
+        (
+            "tokenwire_heartbeat_timeouts_total",
+            "counter",
+            "Connections closed with 4000",
+            r.metrics.heartbeat_timeouts,
+        ),
+    ]
+    lines = []
+    for name, kind, help_text, value in values:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(settings: Settings) -> Litestar:
+    runtime = Runtime(settings)
+    identity = Identity(settings.secret)
+    return Litestar(
+        route_handlers=[
+            healthz,
+            metrics,
+            ws_endpoint,
+            create_static_files_router(
+                path="/", directories=[FRONTEND_DIR], html_mode=True, name="frontend"
+            ),
+        ],
+        middleware=[identity_middleware(identity, settings.cookie_secure)],
+        lifespan=[lambda app: runtime.lifespan()],
+        state=State({"runtime": runtime}),
+        logging_config=None,
+    )

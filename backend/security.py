@@ -1,0 +1,125 @@
+"""Who is calling: the anonymous identity cookie, and the WebSocket origin check.
+
+Every browser gets a random user id in a signed, HttpOnly, SameSite=Lax cookie on its first
+page load, `/api/*` call or WebSocket upgrade. The signature (HMAC-SHA256 with
+`TOKENWIRE_SECRET`) means a client cannot pick another user's id; nodes that share the
+secret share identities.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Final
+from urllib.parse import urlsplit
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+COOKIE_NAME: Final = "tw_id"
+COOKIE_MAX_AGE: Final = 400 * 24 * 3600  # the longest lifetime browsers accept
+_SIG_BYTES: Final = 16
+
+
+class Identity:
+    def __init__(self, secret: str | None) -> None:
+        if secret is None:
+            log.warning(
+                "TOKENWIRE_SECRET is not set: using a random secret for this process. "
+                "Identities will not survive a restart, and several processes must share "
+                "one secret (set TOKENWIRE_SECRET to the same value on every node)."
+            )
+            secret = secrets.token_urlsafe(32)
+        self._key = hashlib.sha256(b"tokenwire identity\0" + secret.encode()).digest()
+
+    def issue(self) -> tuple[str, str]:
+        """A new user id and its cookie value."""
+        user = secrets.token_urlsafe(16)
+        return user, f"{user}.{self._sign(user)}"
+
+    def verify(self, cookie: str | None) -> str | None:
+        """The user id in a cookie value, or None if it is absent or forged."""
+        if not cookie or "." not in cookie:
+            return None
+        user, _, sig = cookie.rpartition(".")
+        if not user or not hmac.compare_digest(sig, self._sign(user)):
+            return None
+        return user
+
+    def _sign(self, user: str) -> str:
+        mac = hmac.new(self._key, user.encode(), hashlib.sha256).digest()[:_SIG_BYTES]
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def read_cookie(scope: Scope, name: str = COOKIE_NAME) -> str | None:
+    raw = _header(scope, b"cookie")
+    if not raw:
+        return None
+    for part in raw.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def origin_allowed(scope: Scope, allowed: Iterable[str]) -> bool:
+    """Browsers always send `Origin` on a WebSocket upgrade: it must be this server's own
+    origin or one listed in TOKENWIRE_ALLOWED_ORIGINS. Non-browser clients send none."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    if origin in allowed:
+        return True
+    host = _header(scope, b"host")
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+
+
+def cookie_header(value: str, secure: bool) -> bytes:
+    attrs = f"{COOKIE_NAME}={value}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Lax"
+    return (attrs + ("; Secure" if secure else "")).encode()
+
+
+def identity_middleware(identity: Identity, secure: bool) -> Callable[[ASGIApp], ASGIApp]:
+    """ASGI middleware: puts the caller's user id in `scope["state"]["user"]`, issuing a new
+    identity (and its Set-Cookie, on the HTTP response or the WebSocket accept) if needed."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] not in ("http", "websocket"):
+                await app(scope, receive, send)
+                return
+            user = identity.verify(read_cookie(scope))
+            new_cookie: bytes | None = None
+            if user is None:
+                user, value = identity.issue()
+                new_cookie = cookie_header(value, secure or scope.get("scheme") in ("https", "wss"))
+            scope.setdefault("state", {})["user"] = user
+
+            async def send_with_cookie(message: Message) -> None:
+                if new_cookie is not None and message["type"] in (
+                    "http.response.start",
+                    "websocket.accept",
+                ):
+                    headers = list(message.get("headers") or [])
+                    headers.append((b"set-cookie", new_cookie))
+                    message["headers"] = headers
+                await send(message)
+
+            await app(scope, receive, send_with_cookie if new_cookie else send)
+
+        return wrapped
+
+    return middleware

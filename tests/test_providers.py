@@ -1,0 +1,591 @@
+"""Providers: the demo model's text and pacing, and the OpenAI-compatible client against a
+real HTTP server (raw ASGI under uvicorn) that speaks the streaming chat-completions format."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from backend.protocol import ChatTurn
+from backend.providers import (
+    DEFAULT_PARAGRAPHS,
+    DemoProvider,
+    Finish,
+    OpenAIProvider,
+    ProviderError,
+    demo_reply,
+    demo_tokens,
+)
+from backend.providers.demo import MAX_PARAGRAPHS
+from backend.providers.openai import SSEParser
+
+TIMEOUT = 10.0
+
+PROMPTS = [
+    "",
+    "hello",
+    "Hello",
+    "How do I stream tokens to a browser?",
+    "/fail please",
+    "émoji 🎉 and ünïcode \u2028 line separator",
+    "<script>alert('x')</script>" * 10,
+    "```python\nprint('hi')\n```",
+    "\n\n\n",
+    "   spaces   ",
+    "x" * 10_000,
+]
+
+
+async def collect(
+    stream: AsyncIterator[str | Finish], into: list[str | Finish] | None = None
+) -> list[str | Finish]:
+    """Everything `stream` yields; `into` keeps what arrived before an exception."""
+    items = into if into is not None else []
+    async with asyncio.timeout(TIMEOUT):
+        async for item in stream:
+            items.append(item)
+    return items
+
+
+def user(text: str) -> list[ChatTurn]:
+    return [ChatTurn(role="user", content=text)]
+
+
+# ---- demo_reply / demo_tokens --------------------------------------------------------------
+
+
+def test_demo_reply_is_deterministic_per_prompt() -> None:
+    assert demo_reply("hello") == demo_reply("hello")
+    assert demo_tokens("hello") == demo_tokens("hello")
+    replies = {demo_reply(p) for p in PROMPTS}
+    assert len(replies) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("paragraphs", [0, 1, 2, 3, 7, 50], ids=lambda n: f"paragraphs={n}")
+def test_demo_tokens_join_to_the_reply(paragraphs: int) -> None:
+    for prompt in PROMPTS:
+        tokens = demo_tokens(prompt, paragraphs)
+        assert "".join(tokens) == demo_reply(prompt, paragraphs)
+        assert all(tokens)
+
+
+def test_demo_tokens_join_to_a_load_test_sized_reply() -> None:
+    tokens = demo_tokens("load test", 3000)
+    reply = demo_reply("load test", 3000)
+    assert "".join(tokens) == reply
+    assert all(tokens)
+    assert len(reply.split("\n\n")) == 3001
+
+
+@pytest.mark.parametrize("paragraphs", [0, 1, 2, 3, 40], ids=lambda n: f"paragraphs={n}")
+def test_demo_reply_shape(paragraphs: int) -> None:
+    for prompt in PROMPTS:
+        reply = demo_reply(prompt, paragraphs)
+        blocks = reply.split("\n\n")
+        assert len(blocks) == paragraphs + 1
+        assert all(ch == "\n" or " " <= ch <= "~" for ch in reply)
+        assert "\n" not in blocks[0]
+        for block in blocks[1:]:
+            words = len(block.split())
+            assert 30 <= words <= 100, block
+
+
+@pytest.mark.parametrize("paragraphs", [1, 2, 3, 40], ids=lambda n: f"paragraphs={n}")
+def test_demo_reply_has_markdown(paragraphs: int) -> None:
+    reply = demo_reply("markdown please", paragraphs)
+    assert re.search(r"^- \S", reply, re.MULTILINE)
+    assert re.search(r"`[^`\n]+`", reply)
+    assert re.search(r"\*\*[^*\n]+\*\*", reply)
+    fences = reply.count("```")
+    if paragraphs >= 2:
+        assert fences == 2
+        assert reply.count("```python\n") == 1
+    else:
+        assert fences == 0
+
+
+def test_demo_reply_echoes_only_a_sanitized_head_of_the_prompt() -> None:
+    reply = demo_reply("<b>Why</b> is the sky blue? " + "tail-marker " * 20)
+    first_line = reply.split("\n", 1)[0]
+    assert "bWhyb is the sky blue" in first_line
+    assert "<" not in reply
+    assert "tail-marker tail-marker" not in reply
+
+
+def test_demo_tokens_split_some_words_mid_word() -> None:
+    tokens = demo_tokens("split words please")
+    splits = [(a, b) for a, b in itertools.pairwise(tokens) if a[-1].isalpha() and b[0].isalpha()]
+    assert splits
+    assert sum(token.startswith(" ") for token in tokens) > len(tokens) / 2
+
+
+def test_demo_reply_rejects_bad_paragraph_counts() -> None:
+    with pytest.raises(ValueError, match="paragraphs"):
+        demo_reply("x", -1)
+
+
+# ---- DemoProvider ----------------------------------------------------------------------------
+
+
+async def test_demo_provider_yields_the_tokens_then_stop() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=0)
+    turns = [
+        ChatTurn(role="system", content="be brief"),
+        ChatTurn(role="user", content="first question"),
+        ChatTurn(role="assistant", content="first answer"),
+        ChatTurn(role="user", content="second question"),
+    ]
+    items = await collect(provider.stream(turns))
+    assert items == [*demo_tokens("second question"), Finish("stop")]
+    await provider.aclose()
+
+
+async def test_demo_provider_unpaced_large_answer() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=0, paragraphs=300)
+    items = await collect(provider.stream(user("load")))
+    assert items == [*demo_tokens("load", 300), Finish("stop")]
+
+
+async def test_demo_provider_paces_tokens() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=200)
+    stream = provider.stream(user("pace me"))
+    assert isinstance(stream, AsyncGenerator)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tokens: list[str | Finish] = []
+    async with asyncio.timeout(TIMEOUT), aclosing(stream):
+        async for item in stream:
+            tokens.append(item)
+            if len(tokens) == 20:
+                break
+    # 20 tokens at 200/s: the 20th is due 19 intervals (0.095 s) after the first.
+    # Only a lower bound: a slow machine may take longer, never shorter.
+    assert loop.time() - start >= 0.09
+    assert tokens == demo_tokens("pace me")[:20]
+
+
+async def test_demo_provider_first_token_delay() -> None:
+    provider = DemoProvider(first_token_delay=0.05, tokens_per_second=0, paragraphs=0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    items = await collect(provider.stream(user("hi")))
+    assert loop.time() - start >= 0.045
+    assert items[-1] == Finish("stop")
+
+
+async def test_demo_provider_fail_prompt() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=0)
+    items: list[str | Finish] = []
+    with pytest.raises(ProviderError, match=r"on purpose \(prompt starts with /fail\)"):
+        await collect(provider.stream(user("/fail now")), items)
+    assert items == demo_tokens("/fail now")[:5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"first_token_delay": -1.0}, "first_token_delay"),
+        ({"first_token_delay": float("nan")}, "first_token_delay"),
+        ({"first_token_delay": float("inf")}, "first_token_delay"),
+        ({"tokens_per_second": float("nan")}, "tokens_per_second"),
+        ({"tokens_per_second": float("inf")}, "tokens_per_second"),
+        ({"paragraphs": -1}, "paragraphs"),
+        ({"paragraphs": MAX_PARAGRAPHS + 1}, "paragraphs"),
+    ],
+    ids=[
+        "negative-delay",
+        "nan-delay",
+        "inf-delay",
+        "nan-rate",
+        "inf-rate",
+        "negative-paragraphs",
+        "too-many-paragraphs",
+    ],
+)
+def test_demo_provider_validates_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DemoProvider(**kwargs)
+
+
+def test_demo_provider_defaults() -> None:
+    provider = DemoProvider()
+    assert provider.name == "demo"
+    assert provider.paragraphs == DEFAULT_PARAGRAPHS
+
+
+# ---- SSEParser -------------------------------------------------------------------------------
+
+SSE_CASES = [
+    (b"data: a\n\n", [b"a"]),
+    (b"data:a\n\n", [b"a"]),
+    (b"data:  a\n\n", [b" a"]),
+    (b"data: a\r\n\r\ndata: b\r\rdata: c\n\n", [b"a", b"b", b"c"]),
+    (b"data: a\r\ndata: b\r\n\r\n", [b"a\nb"]),
+    (b": keep-alive\n\nevent: x\nid: 1\nretry: 5\ndata: a\n\n", [b"a"]),
+    (b"\n\n\ndata: a\n\n", [b"a"]),
+    (b"data: a\n\ndata: incomplete\n", [b"a"]),
+    (b'data: {"x": "\xe2\x80\xa8\xc2\x85"}\n\n', [b'{"x": "\xe2\x80\xa8\xc2\x85"}']),
+    (b"data\n\n", [b""]),
+]
+
+
+@pytest.mark.parametrize(("body", "events"), SSE_CASES)
+@pytest.mark.parametrize("chunking", ["whole", "bytewise"])
+def test_sse_parser(body: bytes, events: list[bytes], chunking: str) -> None:
+    parser = SSEParser()
+    if chunking == "whole":
+        got = parser.feed(body)
+    else:
+        got = [event for i in range(len(body)) for event in parser.feed(body[i : i + 1])]
+    assert got == events
+
+
+def test_sse_parser_bounds_event_size() -> None:
+    parser = SSEParser(max_event_bytes=100)
+    parser.feed(b"data: " + b"x" * 50)
+    with pytest.raises(ProviderError, match="larger than 100 bytes"):
+        parser.feed(b"x" * 60)
+
+
+# ---- OpenAIProvider against a real server ----------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def sse_chunk(content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "fake",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    # ensure_ascii=False: send U+2028 raw, as real servers may.
+    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+HELLO = [sse_chunk("Hel"), sse_chunk("lo"), sse_chunk(" wor\u2028ld")]
+NORMAL_BODY = [
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+    b": keep-alive\n\n",
+    *HELLO,
+    sse_chunk(None, "stop"),
+    b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+    DONE,
+]
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeOpenAI:
+    """Speaks /v1/chat/completions streaming; the request's `model` picks the behaviour."""
+
+    base_url: str = ""
+    requests: list[RecordedRequest] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw)
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.requests.append(RecordedRequest(scope["method"], scope["path"], headers, body))
+        model = body["model"]
+
+        async def start(status: int = 200, content_type: bytes = b"text/event-stream") -> None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", content_type)],
+                }
+            )
+
+        async def write(data: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        async def stream(parts: list[bytes], end: bool = True) -> None:
+            await start()
+            for part in parts:
+                await write(part)
+            if end:
+                await write(b"", more=False)
+
+        async def error(status: int, data: bytes, content_type: bytes) -> None:
+            await start(status, content_type)
+            await write(data, more=False)
+
+        match model:
+            case "normal":
+                await stream(NORMAL_BODY)
+            case "normal-crlf":
+                await stream([part.replace(b"\n", b"\r\n") for part in NORMAL_BODY])
+            case "normal-split":
+                # Event and line boundaries fall anywhere between network writes.
+                whole = b"".join(NORMAL_BODY)
+                await stream([whole[i : i + 7] for i in range(0, len(whole), 7)])
+            case "length":
+                await stream([*HELLO, sse_chunk(None, "length"), DONE])
+            case "no-done":
+                await stream([*HELLO, sse_chunk(None, "stop")])
+            case "cut":
+                await stream(HELLO)
+            case "abort":
+                await stream(HELLO, end=False)
+                raise RuntimeError("upstream crashed mid-stream (expected in this test)")
+            case "unauthorized":
+                upstream_message = f"Incorrect API key provided: {headers.get('authorization', '')}"
+                data = {"error": {"message": upstream_message, "type": "invalid_request_error"}}
+                await error(401, json.dumps(data).encode(), b"application/json")
+            case "long-error":
+                data = {"error": {"message": "y" * 5000}}
+                await error(400, json.dumps(data).encode(), b"application/json")
+            case "html-error":
+                await error(502, b"<html>internal secret trace</html>", b"text/html")
+            case "malformed":
+                await stream([HELLO[0], b'data: {"choices": [\n\n', DONE])
+            case "chunk-error":
+                await stream([HELLO[0], b'data: {"error": {"message": "model overloaded"}}\n\n'])
+            case "stall":
+                await stream(HELLO[:1], end=False)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                self.disconnected.set()
+            case _:
+                await error(404, b'{"error": {"message": "unknown model"}}', b"application/json")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeOpenAI]:
+    app = FakeOpenAI()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()  # startup failed: raise its error here
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        app.base_url = f"http://127.0.0.1:{port}/v1"
+        yield app
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(TIMEOUT):
+            await task
+
+
+TURNS = [ChatTurn(role="system", content="be brief"), ChatTurn(role="user", content="Hi")]
+HELLO_TOKENS = ["Hel", "lo", " wor\u2028ld"]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        pytest.param("normal", [*HELLO_TOKENS, Finish("stop")], id="normal"),
+        pytest.param("normal-crlf", [*HELLO_TOKENS, Finish("stop")], id="crlf"),
+        pytest.param("normal-split", [*HELLO_TOKENS, Finish("stop")], id="split-writes"),
+        pytest.param("length", [*HELLO_TOKENS, Finish("length")], id="length"),
+        pytest.param("no-done", [*HELLO_TOKENS, Finish("stop")], id="finish-without-done"),
+    ],
+)
+async def test_openai_streams_tokens(
+    upstream: FakeOpenAI, model: str, expected: list[str | Finish]
+) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url + "/", api_key=API_KEY, model=model)
+    try:
+        assert await collect(provider.stream(TURNS)) == expected
+    finally:
+        await provider.aclose()
+    (request,) = upstream.requests
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "Hi"},
+        ],
+        "stream": True,
+    }
+
+
+async def test_openai_without_api_key_sends_no_authorization(upstream: FakeOpenAI) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=None, model="normal")
+    try:
+        await collect(provider.stream(TURNS))
+    finally:
+        await provider.aclose()
+    assert "authorization" not in upstream.requests[0].headers
+
+
+@pytest.mark.parametrize(
+    ("model", "message", "tokens_before"),
+    [
+        pytest.param("cut", "provider stream ended early", HELLO_TOKENS, id="cut"),
+        pytest.param(
+            "abort", "provider stream ended early (connection lost)", HELLO_TOKENS, id="abort"
+        ),
+        pytest.param(
+            "unauthorized",
+            "provider returned HTTP 401: Incorrect API key provided: Bearer ***",
+            [],
+            id="http-401",
+        ),
+        pytest.param(
+            "long-error",
+            "provider returned HTTP 400: " + "y" * 197 + "...",
+            [],
+            id="long-upstream-message",
+        ),
+        pytest.param("html-error", "provider returned HTTP 502", [], id="non-json-error"),
+        pytest.param(
+            "malformed", "provider sent a malformed stream chunk", HELLO_TOKENS[:1], id="bad-json"
+        ),
+        pytest.param(
+            "chunk-error",
+            "provider reported an error: model overloaded",
+            HELLO_TOKENS[:1],
+            id="error-in-chunk",
+        ),
+    ],
+)
+async def test_openai_failures(
+    upstream: FakeOpenAI, model: str, message: str, tokens_before: list[str]
+) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=API_KEY, model=model)
+    items: list[str | Finish] = []
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await collect(provider.stream(TURNS), items)
+    finally:
+        await provider.aclose()
+    assert str(caught.value) == message
+    assert items == tokens_before
+
+
+async def test_openai_connection_refused() -> None:
+    # A bound socket that never listens: connecting to it is refused, and no other test or
+    # process can take the port meanwhile.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        provider = OpenAIProvider(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, model="normal"
+        )
+        try:
+            with pytest.raises(ProviderError, match="could not connect to the provider"):
+                await collect(provider.stream(TURNS))
+        finally:
+            await provider.aclose()
+
+
+async def test_openai_read_timeout(upstream: FakeOpenAI) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=None, model="stall", timeout=0.2)
+    items: list[str | Finish] = []
+    try:
+        with pytest.raises(ProviderError, match="provider timed out"):
+            await collect(provider.stream(TURNS), items)
+    finally:
+        await provider.aclose()
+    assert items == HELLO_TOKENS[:1]
+    async with asyncio.timeout(TIMEOUT):
+        await upstream.disconnected.wait()
+
+
+async def test_openai_cancellation_propagates_and_closes_the_response(
+    upstream: FakeOpenAI,
+) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=None, model="stall")
+    first = asyncio.Event()
+    items: list[str | Finish] = []
+
+    async def consume() -> None:
+        async for item in provider.stream(TURNS):
+            items.append(item)
+            first.set()
+
+    task = asyncio.create_task(consume())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(TIMEOUT):
+                await task
+        # The upstream sees the connection go away: the response was closed, not leaked.
+        async with asyncio.timeout(TIMEOUT):
+            await upstream.disconnected.wait()
+    finally:
+        await provider.aclose()
+    assert items == HELLO_TOKENS[:1]
+
+
+async def test_openai_does_not_close_a_client_it_was_given(upstream: FakeOpenAI) -> None:
+    async with httpx.AsyncClient() as client:
+        provider = OpenAIProvider(
+            base_url=upstream.base_url, api_key=None, model="normal", client=client
+        )
+        assert await collect(provider.stream(TURNS)) == [*HELLO_TOKENS, Finish("stop")]
+        await provider.aclose()
+        assert not client.is_closed
+        assert await collect(provider.stream(TURNS)) == [*HELLO_TOKENS, Finish("stop")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base_url": "localhost:8000/v1"}, "must start with http:// or https://"),
+        ({"model": ""}, "model name must not be empty"),
+        ({"timeout": 0.0}, "timeout must be a positive number"),
+        ({"timeout": float("nan")}, "timeout must be a positive number"),
+    ],
+    ids=["no-scheme", "empty-model", "zero-timeout", "nan-timeout"],
+)
+def test_openai_validates_arguments(kwargs: dict[str, Any], match: str) -> None:
+    arguments: dict[str, Any] = {
+        "base_url": "http://127.0.0.1:1/v1",
+        "api_key": None,
+        "model": "m",
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=match):
+        OpenAIProvider(**arguments)
