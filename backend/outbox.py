@@ -27,6 +27,7 @@ from backend.protocol import ErrorFrame, MessageFrame, ServerFrame, StreamEnd, T
 
 # A frame costs this much beyond its text; keeps many tiny frames from looking free.
 FRAME_OVERHEAD: Final = 48
+MAX_ENDED_STREAMS: Final = 256
 
 
 class Offer(Enum):
@@ -43,7 +44,6 @@ class _Entry:
     parts: list[str] = field(default_factory=list)
     seq: int = 0
     size: int = 0
-    dropped: bool = False
 
 
 @dataclass(eq=False)
@@ -62,9 +62,10 @@ class Outbox:
         self.overflowed = False
         self._entries: deque[_Entry] = deque()
         self._streams: dict[str, _Stream] = {}
+        self._ended: deque[str] = deque()  # streams in the order they ended
 
     def __len__(self) -> int:
-        return sum(1 for e in self._entries if not e.dropped)
+        return len(self._entries)
 
     @property
     def has_room_for_fill(self) -> bool:
@@ -94,11 +95,17 @@ class Outbox:
 
         The caller starts a fill right after; until it finishes, live frames are held.
         """
+        kept: deque[_Entry] = deque()
         for entry in self._entries:
-            if entry.stream == stream and not entry.dropped:
-                entry.dropped = True
+            if entry.stream == stream:
                 self.pending_bytes -= entry.size
+            else:
+                kept.append(entry)
+        # Rebuilt rather than marked: a client resuming over and over while not reading
+        # must not grow the queue.
+        self._entries = kept
         self._streams[stream] = _Stream(last=after, filling=True, held=after)
+        self._forget_ended()
 
     def offer_token(self, stream: str, seq: int, data: str) -> Offer:
         state = self._streams.get(stream)
@@ -133,6 +140,7 @@ class Outbox:
             state.filling, state.held = True, seq
             return Offer.GAP
         self._queue_end(stream, state, frame)
+        self._forget_ended()
         return Offer.QUEUED
 
     def fill(self, stream: str, tokens: Sequence[str], end: StreamEnd | None) -> None:
@@ -159,16 +167,20 @@ class Outbox:
         state.filling = False
         self._queue_end(stream, state, frame)
 
-    def forget(self, stream: str) -> None:
-        self._streams.pop(stream, None)
+    def _forget_ended(self) -> None:
+        """Keep the state of at most MAX_ENDED_STREAMS ended streams: enough to drop late
+        duplicates, bounded for a connection that lives through many answers."""
+        while len(self._ended) > MAX_ENDED_STREAMS:
+            stream = self._ended.popleft()
+            state = self._streams.get(stream)
+            if state is not None and state.ended:
+                del self._streams[stream]
 
     # ---- the sender's side -------------------------------------------------------------
 
     def pop(self) -> ServerFrame | None:
         while self._entries:
             entry = self._entries.popleft()
-            if entry.dropped:
-                continue
             self.pending_bytes -= entry.size
             if entry.frame is not None:
                 return entry.frame
@@ -203,6 +215,7 @@ class Outbox:
 
     def _queue_end(self, stream: str, state: _Stream, frame: StreamEnd) -> None:
         state.ended, state.tail = True, None
+        self._ended.append(stream)
         entry = _Entry(stream=stream, frame=frame, size=_size(frame))
         self._append(entry)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.fake_openai import upstream  # noqa: F401  (a fixture, shared by several modules)
 from tests.harness import Server, start_server
 
 # A stream of the default demo answer lasts about a second and a half at this pace.

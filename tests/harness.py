@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,21 @@ def start_server(tmp: Path, **env: Any) -> Server:
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def start_chat(
+    client: Client, text: str, conversation: str | None = None, **extra: Any
+) -> tuple[str, str]:
+    """Send a new chat and wait for its ack; returns (stream id, conversation)."""
+    stream, conversation = new_id(), conversation or new_id()
+    await client.send(type="chat", id=stream, conversation=conversation, text=text, **extra)
+    ack = await client.until(lambda f: f["type"] in ("ack", "error"))
+    assert ack == {"type": "ack", "id": stream, "conversation": conversation}
+    return stream, conversation
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import socket
-import uuid
 from typing import Any
 
 import pytest
@@ -18,20 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.providers import demo_reply, demo_tokens
-from tests.harness import TIMEOUT, Client, Server, wait_for
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-async def start_chat(client: Client, text: str, **extra: Any) -> tuple[str, str]:
-    stream, conversation = new_id(), new_id()
-    await client.send(type="chat", id=stream, conversation=conversation, text=text, **extra)
-    ack = await client.until(lambda f: f["type"] in ("ack", "error"))
-    assert ack == {"type": "ack", "id": stream, "conversation": conversation}
-    return stream, conversation
-
+from tests.harness import TIMEOUT, Client, Server, start_chat, wait_for
 
 # ---- the protocol table -------------------------------------------------------------------
 
