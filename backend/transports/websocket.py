@@ -1,11 +1,11 @@
-"""`GET /ws`: one WebSocket connection, driven by the pure `Outbox` and the chat service.
+"""`GET /ws`: one WebSocket connection: client frames in, a `Delivery`'s frames out.
 
-Each connection owns exactly these tasks, all ended when it closes: the receive loop (the
-handler itself), a sender draining the outbox, a heartbeat, and at most one log fill per
-stream. Whatever ends first (client gone, heartbeat timeout, slow consumer, shutdown)
-closes the connection and the rest are cancelled and awaited; the broker subscription is
-closed last. The `Hub` knows every live connection, for metrics and for the 1001 sent to
-all on shutdown.
+Each connection owns exactly these tasks, all ended when it closes: the receive loop, a
+sender draining the delivery, a heartbeat, and the delivery's log fills. Whatever ends
+first (client gone, heartbeat timeout, slow consumer, shutdown) closes the connection and
+the rest are cancelled and awaited; the broker subscription is closed last. The `Hub`
+knows every live client (WebSocket connections and SSE responses), for metrics and for
+the shutdown, which tells each to go away.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.types import WebSocketSendEvent
 
-from backend.broker import Event, StreamEnded, Subscription, UserMessage, user_channel
 from backend.chat import ChatError
-from backend.outbox import Offer, Outbox
+from backend.delivery import Delivery
 from backend.protocol import (
     BAD_FRAME,
     CLOSE_GOING_AWAY,
@@ -38,14 +37,11 @@ from backend.protocol import (
     PingFrame,
     PongFrame,
     ResumeFrame,
-    ServerFrame,
-    TokenFrame,
     decode_client_frame,
     encode_text,
     error_frame,
 )
 from backend.security import origin_allowed
-from backend.streams.base import DEFAULT_READ_LIMIT
 
 if TYPE_CHECKING:
     from backend.app import Runtime
@@ -84,15 +80,18 @@ class Connection:
         self.chat = runtime.chat
         self.user = user
         self.name = f"{self.settings.node}/{next(_connection_ids)}"
-        self.outbox = Outbox(self.settings.outbox_bytes)
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()
+        self.delivery = Delivery(
+            chat=runtime.chat,
+            broker=runtime.broker,
+            user=user,
+            name=self.name,
+            outbox_bytes=self.settings.outbox_bytes,
+            on_overflow=self._slow_consumer,
+        )
         self._close_requested = asyncio.Event()
         self._close_code = CLOSE_GOING_AWAY
         self._close_reason = ""
         self._last_received = time.monotonic()
-        self._fills: dict[str, asyncio.Task[None]] = {}
-        self._subscription: Subscription | None = None
         self.closed = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -101,29 +100,25 @@ class Connection:
         hub = self.runtime.hub
         hub.connections.add(self)
         try:
-            self._subscription = await self.runtime.broker.subscribe(
-                user_channel(self.user), self._on_event
-            )
-            self._send(
-                HelloFrame(
-                    session=self.name, node=self.settings.node, heartbeat=self.settings.heartbeat
+            async with self.delivery:
+                self.delivery.push(
+                    HelloFrame(
+                        session=self.name,
+                        node=self.settings.node,
+                        heartbeat=self.settings.heartbeat,
+                    )
                 )
-            )
-            if hub.draining:
-                self.request_close(CLOSE_GOING_AWAY, "server shutting down")
-            await self._supervise()
+                if hub.draining:
+                    self.request_close(CLOSE_GOING_AWAY, "server shutting down")
+                await self._supervise()
         finally:
-            for task in self._fills.values():
-                task.cancel()
-            await asyncio.gather(*self._fills.values(), return_exceptions=True)
-            if self._subscription is not None:
-                await self._subscription.close()
             hub.connections.discard(self)
             self.closed.set()
 
     async def _supervise(self) -> None:
+        receive = asyncio.create_task(self._receive_loop(), name=f"{self.name} receive")
         tasks = {
-            asyncio.create_task(self._receive_loop(), name=f"{self.name} receive"),
+            receive,
             asyncio.create_task(self._send_loop(), name=f"{self.name} send"),
             asyncio.create_task(self._heartbeat(), name=f"{self.name} heartbeat"),
             asyncio.create_task(self._close_requested.wait(), name=f"{self.name} close"),
@@ -134,10 +129,7 @@ class Connection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        client_gone = any(
-            t.get_name().endswith("receive") and not t.cancelled() and t.exception() is None
-            for t in done
-        )
+        client_gone = receive in done and not receive.cancelled() and receive.exception() is None
         if self._close_requested.is_set() or not client_gone:
             await self._close()
 
@@ -145,6 +137,10 @@ class Connection:
         if not self._close_requested.is_set():
             self._close_code, self._close_reason = code, reason
             self._close_requested.set()
+
+    def _slow_consumer(self) -> None:
+        self.runtime.metrics.slow_consumer_closes += 1
+        self.request_close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
 
     async def _close(self) -> None:
         # The close frame queues behind unsent data; a client that never reads would keep
@@ -166,7 +162,9 @@ class Connection:
             self._last_received = time.monotonic()
             text = message.get("text")
             if not isinstance(text, str):
-                self._send(error_frame(BAD_FRAME, "binary frames are not accepted; send JSON text"))
+                self.delivery.push(
+                    error_frame(BAD_FRAME, "binary frames are not accepted; send JSON text")
+                )
                 continue
             await self._handle(text)
 
@@ -178,108 +176,34 @@ class Connection:
                 max_text=self.settings.max_text_chars,
             )
         except FrameError as exc:
-            self._send(exc.frame)
+            self.delivery.push(exc.frame)
             return
         try:
             if isinstance(frame, ChatFrame):
                 accepted = await self.chat.start(
                     self.user, frame.id, frame.conversation, frame.text, origin=self.name
                 )
-                after = 0 if accepted.new else frame.after
-                self._deliver(
-                    frame.id, after, AckFrame(id=frame.id, conversation=accepted.conversation)
+                self.delivery.deliver(
+                    frame.id,
+                    0 if accepted.new else frame.after,
+                    AckFrame(id=frame.id, conversation=accepted.conversation),
                 )
             elif isinstance(frame, ResumeFrame):
-                # Ownership and expiry are checked by the fill's first read.
-                self._deliver(frame.id, frame.after)
+                self.delivery.deliver(frame.id, frame.after)
             elif isinstance(frame, CancelFrame):
                 await self.chat.cancel(self.user, frame.id)
             elif isinstance(frame, PingFrame):
-                self._send(PongFrame(t=frame.t))
+                self.delivery.push(PongFrame(t=frame.t))
             # PongFrame: receiving it is the point (`_last_received`).
         except ChatError as exc:
-            self._send(exc.frame)
+            self.delivery.push(exc.frame)
 
-    # ---- delivering ----------------------------------------------------------------------
-
-    def _send(self, frame: ServerFrame, stream: str | None = None) -> None:
-        if self._close_requested.is_set():
-            return  # closing: nothing more is queued, so memory stays bounded
-        self.outbox.push(frame, stream)
-        self._after_queue()
-
-    def _deliver(self, stream: str, after: int, first: ServerFrame | None = None) -> None:
-        """(Re)send `stream` from `after + 1` to the end, then live; `first` goes before."""
-        self.outbox.follow(stream, after)
-        if first is not None:
-            self._send(first, stream)
-        self._start_fill(stream)
-
-    def _on_event(self, event: Event) -> None:
-        """Broker listener: called on the event loop for every event of this user."""
-        if self._close_requested.is_set():
-            return
-        if isinstance(event, TokenFrame):
-            offer = self.outbox.offer_token(event.id, event.seq, event.data)
-        elif isinstance(event, StreamEnded):
-            offer = self.outbox.offer_end(event.id, event.seq, event.frame)
-        elif isinstance(event, UserMessage):
-            if event.origin != self.name:
-                self._send(event.frame)
-            return
-        if offer is Offer.GAP:
-            self._start_fill(event.id)
-        self._after_queue()
-
-    def _start_fill(self, stream: str) -> None:
-        running = self._fills.get(stream)
-        if running is not None and not running.done():
-            running.cancel()  # a newer `follow` restarted the stream: its read position moved
-        self._fills[stream] = asyncio.create_task(
-            self._fill(stream), name=f"{self.name} fill {stream}"
-        )
-
-    async def _fill(self, stream: str) -> None:
-        """Copy the stream from the log into the outbox until caught up with live frames."""
-        try:
-            while True:
-                while not self.outbox.has_room_for_fill:
-                    self._room.clear()
-                    await self._room.wait()
-                after = self.outbox.last_seq(stream)
-                piece = await self.chat.read_after(self.user, stream, after, DEFAULT_READ_LIMIT)
-                if not self.outbox.is_filling(stream):
-                    return  # abandoned while we read
-                self.outbox.fill(stream, piece.tokens, piece.end)
-                self._after_queue()
-                caught_up = piece.end is not None or len(piece.tokens) < DEFAULT_READ_LIMIT
-                if caught_up and self.outbox.finish_fill(stream):
-                    return
-        except ChatError as exc:
-            self.outbox.abandon(stream, exc.frame)
-            self._after_queue()
-        finally:
-            if self._fills.get(stream) is asyncio.current_task():
-                del self._fills[stream]
-
-    def _after_queue(self) -> None:
-        if self.outbox.overflowed:
-            if not self._close_requested.is_set():
-                self.runtime.metrics.slow_consumer_closes += 1
-            self.request_close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
-            return
-        self._wake.set()
+    # ---- sending -------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         send = self.socket.send
         while True:
-            frame = self.outbox.pop()
-            if frame is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self.outbox.has_room_for_fill:
-                self._room.set()
+            frame = await self.delivery.next_frame()
             await send(
                 WebSocketSendEvent(type="websocket.send", text=encode_text(frame), bytes=None)
             )
@@ -289,7 +213,7 @@ class Connection:
         while True:
             await asyncio.sleep(interval)
             sent = time.monotonic()
-            self._send(PingFrame(t=int(time.time() * 1000)))
+            self.delivery.push(PingFrame(t=int(time.time() * 1000)))
             await asyncio.sleep(timeout)
             if self._last_received < sent:
                 self.runtime.metrics.heartbeat_timeouts += 1

@@ -1,0 +1,158 @@
+"""Feeding one client's outbox from the broker and the stream log, for any transport.
+
+A `Delivery` is what a WebSocket connection or an SSE response streams from: it listens
+to the user's broker channel, offers every event to its `Outbox`, runs the log reads
+(fills) that close gaps and serve resumes, and hands frames to the transport one at a
+time with `next_frame`. The transports only move those frames onto their sockets, so the
+exactly-once logic exists once.
+
+Owned tasks: at most one fill per stream, cancelled and awaited on exit. The broker
+subscription is closed on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import TracebackType
+
+from backend.broker import Broker, Event, StreamEnded, Subscription, UserMessage, user_channel
+from backend.chat import ChatError, ChatService
+from backend.outbox import Offer, Outbox
+from backend.protocol import ServerFrame, TokenFrame
+from backend.streams.base import DEFAULT_READ_LIMIT
+
+
+class Delivery:
+    def __init__(
+        self,
+        *,
+        chat: ChatService,
+        broker: Broker,
+        user: str,
+        name: str,
+        outbox_bytes: int,
+        on_overflow: Callable[[], None],
+        only_stream: str | None = None,
+    ) -> None:
+        """`name` identifies the client (user messages it sent are not echoed back to it);
+        `only_stream` limits delivery to one stream (an SSE response)."""
+        self.chat = chat
+        self.broker = broker
+        self.user = user
+        self.name = name
+        self.outbox = Outbox(outbox_bytes)
+        self._on_overflow = on_overflow
+        self._only_stream = only_stream
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._fills: dict[str, asyncio.Task[None]] = {}
+        self._subscription: Subscription | None = None
+        self.stopped = False
+
+    async def __aenter__(self) -> Delivery:
+        self._subscription = await self.broker.subscribe(user_channel(self.user), self._on_event)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stopped = True
+        fills = list(self._fills.values())
+        for task in fills:
+            task.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.close()
+
+    # ---- what the transport queues -----------------------------------------------------
+
+    def push(self, frame: ServerFrame, stream: str | None = None) -> None:
+        if self.stopped:
+            return
+        self.outbox.push(frame, stream)
+        self._after_queue()
+
+    def deliver(self, stream: str, after: int, first: ServerFrame | None = None) -> None:
+        """(Re)send `stream` from `after + 1` to its end, then live; `first` goes before.
+        Ownership and expiry are checked by the first log read: an unknown stream gets a
+        `not_found` error frame, an expired one `stream_expired`."""
+        self.outbox.follow(stream, after)
+        if first is not None:
+            self.push(first, stream)
+        self._start_fill(stream)
+
+    async def next_frame(self) -> ServerFrame:
+        """The next frame to put on the wire; waits until there is one."""
+        while True:
+            frame = self.outbox.pop()
+            if frame is not None:
+                if self.outbox.has_room_for_fill:
+                    self._room.set()
+                return frame
+            self._wake.clear()
+            await self._wake.wait()
+
+    # ---- feeding the outbox --------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        """Broker listener: called on the event loop for every event of this user."""
+        if self.stopped:
+            return
+        if isinstance(event, UserMessage):
+            if event.origin != self.name and self._only_stream is None:
+                self.push(event.frame)
+            return
+        if self._only_stream is not None and event.id != self._only_stream:
+            return
+        if isinstance(event, TokenFrame):
+            offer = self.outbox.offer_token(event.id, event.seq, event.data)
+        elif isinstance(event, StreamEnded):
+            offer = self.outbox.offer_end(event.id, event.seq, event.frame)
+        if offer is Offer.GAP:
+            self._start_fill(event.id)
+        self._after_queue()
+
+    def _start_fill(self, stream: str) -> None:
+        running = self._fills.get(stream)
+        if running is not None and not running.done():
+            running.cancel()  # a newer `deliver` moved the stream's read position
+        self._fills[stream] = asyncio.create_task(
+            self._fill(stream), name=f"{self.name} fill {stream}"
+        )
+
+    async def _fill(self, stream: str) -> None:
+        """Copy the stream from the log into the outbox until caught up with live frames.
+        Reads wait while the outbox is half full, so catching up never overflows it."""
+        try:
+            while True:
+                while not self.outbox.has_room_for_fill:
+                    self._room.clear()
+                    await self._room.wait()
+                after = self.outbox.last_seq(stream)
+                piece = await self.chat.read_after(self.user, stream, after, DEFAULT_READ_LIMIT)
+                if self.stopped or not self.outbox.is_filling(stream):
+                    return
+                self.outbox.fill(stream, piece.tokens, piece.end)
+                self._after_queue()
+                caught_up = piece.end is not None or len(piece.tokens) < DEFAULT_READ_LIMIT
+                if caught_up and self.outbox.finish_fill(stream):
+                    return
+        except ChatError as exc:
+            if not self.stopped:
+                self.outbox.abandon(stream, exc.frame)
+                self._after_queue()
+        finally:
+            if self._fills.get(stream) is asyncio.current_task():
+                del self._fills[stream]
+
+    def _after_queue(self) -> None:
+        if self.outbox.overflowed:
+            # Nothing more is queued once the transport is told: memory stays bounded.
+            self.stopped = True
+            self._on_overflow()
+            return
+        self._wake.set()
