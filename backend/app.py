@@ -12,23 +12,38 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
 from litestar.static_files import create_static_files_router
 
 from backend.broker import Broker, MemoryBroker
-from backend.chat import ChatService
+from backend.chat import ChatError, ChatService
 from backend.history import SqliteHistory
 from backend.history.base import History
+from backend.hub import Hub
 from backend.idempotency import MemoryRequestRegistry
+from backend.protocol import FrameError
 from backend.providers import DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
-from backend.security import Identity, identity_middleware
+from backend.security import BearerTokens, Identity, identity_middleware
 from backend.settings import Settings
 from backend.streams import MemoryStreamLog, StreamLog
-from backend.transports.websocket import Hub, ws_endpoint
+from backend.transports.http import (
+    ApiError,
+    cancel_stream,
+    get_conversation,
+    handle_api_error,
+    handle_http_exception,
+    healthz,
+    list_conversations,
+    post_chat,
+    readyz,
+)
+from backend.transports.sse import stream_events
+from backend.transports.websocket import ws_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +117,13 @@ def make_provider(s: Settings) -> Provider:
     )
 
 
-@get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
-def healthz(state: State) -> dict[str, Any]:
-    runtime: Runtime = state.runtime
-    return {"status": "ok", "node": runtime.settings.node}
-
-
 @get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)
 def metrics(state: State) -> Response[str]:
     """Prometheus text format."""
     r: Runtime = state.runtime
     values = [
-        ("tokenwire_connections", "gauge", "Open WebSocket connections", len(r.hub.connections)),
+        ("tokenwire_connections", "gauge", "Open WebSocket connections", len(r.hub.websockets)),
+        ("tokenwire_sse_responses", "gauge", "Open SSE responses", len(r.hub.sse)),
         ("tokenwire_streams_active", "gauge", "Generations running", r.chat.active_streams),
         ("tokenwire_stream_logs", "gauge", "Stream logs held", len(r.log)),
         ("tokenwire_subscriptions", "gauge", "Broker listeners", r.broker.subscriptions()),
@@ -148,14 +158,29 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             healthz,
+            readyz,
             metrics,
+            post_chat,
+            cancel_stream,
+            list_conversations,
+            get_conversation,
+            stream_events,
             ws_endpoint,
             create_static_files_router(
                 path="/", directories=[FRONTEND_DIR], html_mode=True, name="frontend"
             ),
         ],
-        middleware=[identity_middleware(identity, settings.cookie_secure)],
+        middleware=[
+            identity_middleware(identity, settings.cookie_secure, BearerTokens(settings.api_tokens))
+        ],
         lifespan=[lambda app: runtime.lifespan()],
         state=State({"runtime": runtime}),
+        exception_handlers={
+            ApiError: handle_api_error,
+            ChatError: handle_api_error,
+            FrameError: handle_api_error,
+            HTTPException: handle_http_exception,
+            500: handle_http_exception,
+        },
         logging_config=None,
     )

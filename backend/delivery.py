@@ -85,9 +85,15 @@ class Delivery:
             self.push(first, stream)
         self._start_fill(stream)
 
-    async def next_frame(self) -> ServerFrame:
-        """The next frame to put on the wire; waits until there is one."""
-        while True:
+    def stop(self) -> None:
+        """Queue nothing more; `next_frame` returns None from now on."""
+        self.stopped = True
+        self._wake.set()
+
+    async def next_frame(self) -> ServerFrame | None:
+        """The next frame to put on the wire, waiting until there is one; None once stopped
+        (the transport then ends: on shutdown, or when the client was too slow)."""
+        while not self.stopped:
             frame = self.outbox.pop()
             if frame is not None:
                 if self.outbox.has_room_for_fill:
@@ -95,6 +101,7 @@ class Delivery:
                 return frame
             self._wake.clear()
             await self._wake.wait()
+        return None
 
     # ---- feeding the outbox --------------------------------------------------------------
 
@@ -152,7 +159,7 @@ class Delivery:
     def _after_queue(self) -> None:
         if self.outbox.overflowed:
             # Nothing more is queued once the transport is told: memory stays bounded.
-            self.stopped = True
+            self.stop()
             self._on_overflow()
             return
         self._wake.set()

@@ -51,6 +51,7 @@ class _Stream:
     last: int
     filling: bool = False
     held: int = 0
+    end_held: bool = False  # an end arrived while filling: the fill must read it from the log
     ended: bool = False
     tail: _Entry | None = None  # pending token entry that new tokens may join
 
@@ -134,7 +135,7 @@ class Outbox:
         if state.ended:
             return Offer.DUPLICATE
         if state.filling:
-            state.held = max(state.held, seq)
+            state.held, state.end_held = max(state.held, seq), True
             return Offer.HELD
         if seq > state.last:
             state.filling, state.held = True, seq
@@ -155,7 +156,7 @@ class Outbox:
     def finish_fill(self, stream: str) -> bool:
         """True when the fill has caught up with everything seen live; else read again."""
         state = self._streams[stream]
-        if not state.ended and state.held > state.last:
+        if not state.ended and (state.held > state.last or state.end_held):
             return False
         state.filling = False
         return True

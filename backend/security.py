@@ -47,7 +47,8 @@ class Identity:
         if not cookie or "." not in cookie:
             return None
         user, _, sig = cookie.rpartition(".")
-        if not user or not hmac.compare_digest(sig, self._sign(user)):
+        # Bytes, not str: compare_digest refuses non-ASCII str, and cookies are any latin-1.
+        if not user or not hmac.compare_digest(sig.encode(), self._sign(user).encode()):
             return None
         return user
 
@@ -92,13 +93,69 @@ def cookie_header(value: str, secure: bool) -> bytes:
     return (attrs + ("; Secure" if secure else "")).encode()
 
 
-def identity_middleware(identity: Identity, secure: bool) -> Callable[[ASGIApp], ASGIApp]:
-    """ASGI middleware: puts the caller's user id in `scope["state"]["user"]`, issuing a new
-    identity (and its Set-Cookie, on the HTTP response or the WebSocket accept) if needed."""
+class BearerTokens:
+    """`Authorization: Bearer <token>` for scripts: each configured token is one user."""
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._tokens = tuple(t.encode() for t in tokens)
+
+    def user(self, header: str) -> str | None:
+        """The user of a `Bearer` header, or None if the token is not configured."""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        given = token.strip().encode()
+        # Compare with every token, in constant time each, so timing tells nothing.
+        found = [t for t in self._tokens if hmac.compare_digest(t, given)]
+        if not found:
+            return None
+        digest = hashlib.sha256(b"tokenwire bearer\0" + found[0]).digest()[:16]
+        return "b-" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+async def _refuse_unauthorized(scope: Scope, send: Send) -> None:
+    if str(scope["type"]) == "websocket":
+        # Before accept, uvicorn answers the upgrade with 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
+        return
+    body = (
+        b'{"type":"error","id":null,"code":"unauthorized",'
+        b'"message":"unknown bearer token","retryable":false}'
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def identity_middleware(
+    identity: Identity, secure: bool, bearer: BearerTokens
+) -> Callable[[ASGIApp], ASGIApp]:
+    """ASGI middleware: puts the caller's user id in `scope["state"]["user"]`: from a bearer
+    token when one is sent (an unknown one is refused: 401, or 403 for an upgrade), else
+    from the cookie, issuing a new identity (and its Set-Cookie, on the HTTP response or
+    the WebSocket accept) when there is none."""
 
     def middleware(app: ASGIApp) -> ASGIApp:
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] not in ("http", "websocket"):
+                await app(scope, receive, send)
+                return
+            authorization = _header(scope, b"authorization")
+            if authorization is not None:
+                bearer_user = bearer.user(authorization)
+                if bearer_user is None:
+                    await _refuse_unauthorized(scope, send)
+                    return
+                scope.setdefault("state", {})["user"] = bearer_user
                 await app(scope, receive, send)
                 return
             user = identity.verify(read_cookie(scope))

@@ -25,6 +25,7 @@ DEFAULT_SEND_BUFFER_BYTES: Final = 256 * 1024
 DEFAULT_STREAM_TTL: Final = 600.0
 DEFAULT_STREAM_MAX_TOKENS: Final = 16_384
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
+DEFAULT_SSE_KEEPALIVE: Final = 15.0
 DEFAULT_DEMO_FIRST_TOKEN_DELAY: Final = 0.3
 DEFAULT_DEMO_TOKENS_PER_SECOND: Final = 40.0
 DEFAULT_DEMO_PARAGRAPHS: Final = 3
@@ -61,6 +62,8 @@ class Settings:
     stream_max_tokens: int = DEFAULT_STREAM_MAX_TOKENS
     context_messages: int = DEFAULT_CONTEXT_MESSAGES
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
+    api_tokens: tuple[str, ...] = ()
     provider: str = "demo"
     demo_first_token_delay: float = DEFAULT_DEMO_FIRST_TOKEN_DELAY
     demo_tokens_per_second: float = DEFAULT_DEMO_TOKENS_PER_SECOND
@@ -154,6 +157,18 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _tokens(name: str, raw: str) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for token in tokens:
+        if len(token) < 16 or not token.isascii() or any(c.isspace() for c in token):
+            raise SettingsError(
+                f"{name} must be a comma-separated list of tokens of 16+ printable "
+                "characters each; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+    return tokens
+
+
 def _str(name: str, raw: str) -> str:
     return raw
 
@@ -174,6 +189,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "stream_max_tokens": _number(int, 1, 10_000_000),
     "context_messages": _number(int, 0, 1000),
     "shutdown_timeout": _number(float, 0.0, 3600.0),
+    "sse_keepalive": _number(float, 0.05, 3600.0),
+    "api_tokens": _tokens,
     "provider": _choice(PROVIDERS),
     "demo_first_token_delay": _number(float, 0.0, 60.0),
     "demo_tokens_per_second": _number(float, 0.0, 1_000_000.0),

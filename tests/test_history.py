@@ -281,3 +281,12 @@ async def test_sqlite_in_memory() -> None:
     async with SqliteHistory(":memory:") as history:
         assert await history.add_user_message("alice", "c1", "r1", "hi")
         assert seen(await history.messages("alice", "c1")) == [("r1", "c1", "user", "hi", True)]
+
+
+async def test_conversation_summary(history: History) -> None:
+    assert await history.conversation("u1", "c1") is None
+    await history.add_user_message("u1", "c1", "m1", "first   words")
+    summary = await history.conversation("u1", "c1")
+    assert summary is not None
+    assert (summary.conversation, summary.title) == ("c1", "first words")
+    assert await history.conversation("u2", "c1") is None

@@ -58,6 +58,10 @@ class History(ABC):
         """The user's conversations, most recently updated first."""
 
     @abstractmethod
+    async def conversation(self, user: str, conversation: str) -> ConversationSummary | None:
+        """One of the user's conversations, or None."""
+
+    @abstractmethod
     async def messages(
         self, user: str, conversation: str, limit: int = 1000
     ) -> list[StoredMessage] | None:

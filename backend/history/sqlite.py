@@ -269,6 +269,24 @@ class SqliteHistory(History):
 
         return await self._run(job)
 
+    async def conversation(self, user: str, conversation: str) -> ConversationSummary | None:
+        def job(conn: sqlite3.Connection) -> ConversationSummary | None:
+            row = conn.execute(
+                "SELECT title, created, updated FROM conversations WHERE user = ? AND id = ?",
+                (user, conversation),
+            ).fetchone()
+            if row is None:
+                return None
+            title, created, updated = row
+            return ConversationSummary(
+                conversation=conversation,
+                title=str(title),
+                created=float(created),
+                updated=float(updated),
+            )
+
+        return await self._run(job)
+
     async def messages(
         self, user: str, conversation: str, limit: int = 1000
     ) -> list[StoredMessage] | None:

@@ -53,25 +53,6 @@ CLOSE_TIMEOUT: Final = 2.0
 _connection_ids = itertools.count(1)
 
 
-class Hub:
-    """The live connections of this process."""
-
-    def __init__(self) -> None:
-        self.connections: set[Connection] = set()
-        self.draining = False
-
-    async def close_all(self, code: int, reason: str, timeout: float) -> None:
-        """Ask every connection to close with `code`; wait for them, at most `timeout`."""
-        self.draining = True
-        connections = list(self.connections)
-        for conn in connections:
-            conn.request_close(code, reason)
-        if connections:
-            await asyncio.wait(
-                [asyncio.create_task(c.closed.wait()) for c in connections], timeout=timeout
-            )
-
-
 class Connection:
     def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, user: str) -> None:
         self.socket = socket
@@ -98,7 +79,7 @@ class Connection:
 
     async def run(self) -> None:
         hub = self.runtime.hub
-        hub.connections.add(self)
+        hub.websockets.add(self)
         try:
             async with self.delivery:
                 self.delivery.push(
@@ -112,7 +93,7 @@ class Connection:
                     self.request_close(CLOSE_GOING_AWAY, "server shutting down")
                 await self._supervise()
         finally:
-            hub.connections.discard(self)
+            hub.websockets.discard(self)
             self.closed.set()
 
     async def _supervise(self) -> None:
@@ -202,8 +183,7 @@ class Connection:
 
     async def _send_loop(self) -> None:
         send = self.socket.send
-        while True:
-            frame = await self.delivery.next_frame()
+        while (frame := await self.delivery.next_frame()) is not None:
             await send(
                 WebSocketSendEvent(type="websocket.send", text=encode_text(frame), bytes=None)
             )

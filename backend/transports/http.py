@@ -1,0 +1,169 @@
+"""The HTTP API: start and cancel chats, read history, health. Routes only.
+
+Errors leave as JSON with the body of an `error` frame and the status of its code
+(`protocol.HTTP_STATUS`), from our own `ApiError` and from Litestar's exceptions alike, so
+a script handles one shape. Exception text never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from litestar import MediaType, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+
+from backend.chat import ChatError
+from backend.hub import Hub
+from backend.protocol import (
+    BAD_FRAME,
+    HTTP_STATUS,
+    ID_PATTERN,
+    NOT_FOUND,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    ErrorFrame,
+    FrameError,
+    decode_chat_request,
+    encode,
+    error_frame,
+)
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(ID_PATTERN)
+
+
+class ApiError(Exception):
+    def __init__(self, frame: ErrorFrame) -> None:
+        super().__init__(frame.message)
+        self.frame = frame
+
+
+def error_response(frame: ErrorFrame, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(
+        encode(frame),
+        status_code=HTTP_STATUS.get(frame.code, 500),
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    frame = exc.frame if isinstance(exc, ApiError | ChatError | FrameError) else None
+    assert frame is not None  # registered only for the three types above
+    return error_response(frame)
+
+
+_STATUS_CODES = {404: NOT_FOUND, 405: BAD_FRAME, 413: TOO_LARGE, 401: UNAUTHORIZED}
+
+
+def handle_http_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar's own errors (unknown route, wrong method, ...) in our shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status >= 500:
+        log.error("unhandled error", exc_info=exc)
+        frame = ErrorFrame(
+            id=None, code="internal", message="internal server error", retryable=True
+        )
+        return Response(encode(frame), status_code=500, media_type=MediaType.JSON)
+    code = _STATUS_CODES.get(status, BAD_FRAME)
+    message = "no such route" if status == 404 else str(exc.detail)  # type: ignore[attr-defined]
+    frame = error_frame(code, message)
+    return Response(encode(frame), status_code=status, media_type=MediaType.JSON)
+
+
+def checked_id(value: str, field: str = "id") -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ApiError(
+            error_frame(BAD_FRAME, f"`{field}` must be 1 to 64 characters of [A-Za-z0-9_-]")
+        )
+    return value
+
+
+def user_of(request: Request[Any, Any, Any]) -> str:
+    user: str = request.scope["state"]["user"]
+    return user
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The request body, refused with `too_large` as soon as it exceeds `limit`: from its
+    Content-Length before reading anything, or while reading a chunked one."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(_too_large(limit))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(_too_large(limit))
+    return bytes(body)
+
+
+def _too_large(limit: int) -> ErrorFrame:
+    return error_frame(TOO_LARGE, f"request body is larger than the limit of {limit} bytes")
+
+
+# ---- routes ------------------------------------------------------------------------------
+
+
+@post("/api/chat", status_code=202)
+async def post_chat(request: Request[Any, Any, Any], state: State) -> Response[dict[str, str]]:
+    runtime = state.runtime
+    s = runtime.settings
+    body = await read_body(request, s.max_frame_bytes)
+    chat = decode_chat_request(body, max_bytes=s.max_frame_bytes, max_text=s.max_text_chars)
+    accepted = await runtime.chat.start(
+        user_of(request), chat.id, chat.conversation, chat.text, origin="http"
+    )
+    return Response(
+        {
+            "id": chat.id,
+            "conversation": accepted.conversation,
+            "stream": f"/api/streams/{chat.id}",
+        },
+        status_code=202 if accepted.new else 200,
+    )
+
+
+@post("/api/streams/{stream_id:str}/cancel", status_code=202)
+async def cancel_stream(
+    request: Request[Any, Any, Any], state: State, stream_id: str
+) -> dict[str, str]:
+    await state.runtime.chat.cancel(user_of(request), checked_id(stream_id))
+    return {"id": stream_id}
+
+
+@get("/api/conversations")
+async def list_conversations(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
+    found = await state.runtime.history.list_conversations(user_of(request))
+    return {"conversations": found}
+
+
+@get("/api/conversations/{conversation:str}")
+async def get_conversation(
+    request: Request[Any, Any, Any], state: State, conversation: str
+) -> dict[str, Any]:
+    user = user_of(request)
+    history = state.runtime.history
+    summary = await history.conversation(user, checked_id(conversation, "conversation"))
+    messages = await history.messages(user, conversation)
+    if summary is None or messages is None:
+        raise ApiError(error_frame(NOT_FOUND, "no such conversation"))
+    return {"conversation": conversation, "title": summary.title, "messages": messages}
+
+
+@get("/healthz", media_type=MediaType.JSON, sync_to_thread=False)
+def healthz(state: State) -> dict[str, Any]:
+    return {"status": "ok", "node": state.runtime.settings.node}
+
+
+@get("/readyz", media_type=MediaType.JSON, sync_to_thread=False)
+def readyz(state: State) -> Response[dict[str, Any]]:
+    hub: Hub = state.runtime.hub
+    node = state.runtime.settings.node
+    if hub.draining:
+        return Response({"status": "draining", "node": node}, status_code=503)
+    return Response({"status": "ready", "node": node})
