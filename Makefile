@@ -7,14 +7,23 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := chromium redis-server
 
-.PHONY: run test lint pytest venv system-deps clean
+NODE_STAMP := frontend/node_modules/.installed
 
-run: venv
+.PHONY: run test lint pytest venv frontend system-deps clean
+
+run: venv frontend
 	$(PY) -m backend
 
-test: venv system-deps lint pytest
+test: venv frontend system-deps lint pytest
 
 venv: $(STAMP)
+
+# PyScript and its interpreters, exactly as pinned in frontend/package-lock.json.
+frontend: $(NODE_STAMP)
+
+$(NODE_STAMP): frontend/package.json frontend/package-lock.json
+	npm ci --prefix frontend --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,4 +53,4 @@ pytest: venv
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache frontend/node_modules

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Final
 
 from litestar import Litestar, MediaType, Response, get
-from litestar.datastructures import State
+from litestar.config.compression import CompressionConfig
+from litestar.datastructures import CacheControlHeader, State
 from litestar.exceptions import HTTPException
 from litestar.static_files import create_static_files_router
 
+from backend.assets import NODE_MODULES, VendorFiles, pyscript_config_route, vendor_file
 from backend.broker import Broker, MemoryBroker
 from backend.chat import ChatError, ChatService
 from backend.history import SqliteHistory
@@ -87,6 +89,11 @@ class Runtime:
             max_tokens=s.stream_max_tokens,
             context_messages=s.context_messages,
         )
+        if not NODE_MODULES.is_dir():
+            log.warning(
+                "frontend/node_modules is missing: the chat page cannot load PyScript. "
+                "Run `make run`, or `npm ci --prefix frontend`."
+            )
         log.info("tokenwire node %s ready (provider %s)", s.node, self.provider.name)
         try:
             yield
@@ -166,15 +173,29 @@ def create_app(settings: Settings) -> Litestar:
             get_conversation,
             stream_events,
             ws_endpoint,
+            vendor_file,
+            pyscript_config_route,
             create_static_files_router(
-                path="/", directories=[FRONTEND_DIR], html_mode=True, name="frontend"
+                path="/",
+                directories=[FRONTEND_DIR],
+                html_mode=True,
+                name="frontend",
+                # The app's own files change with each deploy: revalidate every time.
+                cache_control=CacheControlHeader(no_cache=True),
             ),
         ],
+        compression_config=CompressionConfig(
+            backend="gzip",
+            minimum_size=1024,
+            gzip_compress_level=6,
+            # Vendor files come gzipped already; SSE must not be buffered by a compressor.
+            exclude=["/vendor", "/api/streams"],
+        ),
         middleware=[
             identity_middleware(identity, settings.cookie_secure, BearerTokens(settings.api_tokens))
         ],
         lifespan=[lambda app: runtime.lifespan()],
-        state=State({"runtime": runtime}),
+        state=State({"runtime": runtime, "vendor_files": VendorFiles()}),
         exception_handlers={
             ApiError: handle_api_error,
             ChatError: handle_api_error,

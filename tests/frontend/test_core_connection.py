@@ -1,0 +1,89 @@
+# Reconnect decisions and backoff (runs under CPython and MicroPython).
+
+from tokenwire.core.backoff import Backoff
+from tokenwire.core.connection import WS_FAILURES_FOR_SSE, WS_RETRY_AFTER, Connection
+
+
+def half():
+    return 0.5  # jitter centred: delays are exactly the schedule
+
+
+def test_backoff_schedule_and_reset():
+    b = Backoff(half)
+    assert [b.next_delay() for _ in range(8)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    b.opened(100.0)
+    assert b.closed(101.0) is False  # not stable: keeps going
+    assert b.next_delay() == 30.0
+    b.opened(200.0)
+    assert b.closed(260.0) is True
+    assert b.next_delay() == 1.0
+
+
+def test_backoff_jitter_stays_within_bounds():
+    for r in (0.0, 0.25, 0.999):
+        b = Backoff(lambda: r)
+        d = b.next_delay()
+        assert 0.8 <= d <= 1.2
+
+
+def test_first_retry_after_a_good_connection_is_immediate_then_backoff():
+    c = Connection(half)
+    assert c.start(0.0) == ("connect", 0, "ws")
+    c.opened(0.1)
+    assert c.closed(50.0, 1006) == ("connect", 0, "ws")
+    assert c.reconnecting
+    # That attempt fails without opening: back off.
+    assert c.closed(50.1, 1006) == ("connect", 1.0, "ws")
+    assert c.closed(51.2, 1006) == ("connect", 2.0, "ws")
+
+
+def test_going_away_reconnects_at_once():
+    c = Connection(half)
+    c.start(0.0)
+    c.opened(0.1)
+    assert c.closed(5.0, 1001) == ("connect", 0, "ws")
+    c.opened(5.1)
+    assert c.closed(60.0, 1001) == ("connect", 0, "ws")
+
+
+def test_policy_close_stops():
+    c = Connection(half)
+    c.start(0.0)
+    assert c.closed(0.5, 1008) is None
+    assert c.online(1.0) is None
+    assert c.closed(2.0, 1006) is None
+
+
+def test_online_event_connects_now_unless_open():
+    c = Connection(half)
+    c.start(0.0)
+    c.opened(0.1)
+    assert c.online(1.0) is None
+    c.closed(2.0, 1006)
+    assert c.online(2.5) == ("connect", 0, "ws")
+
+
+def test_watchdog_drops_a_silent_connection():
+    c = Connection(half, heartbeat_timeout=10.0)
+    c.start(0.0)
+    c.opened(0.0)
+    c.frame(1.0, heartbeat=5.0)
+    assert c.tick(15.9) is None
+    assert c.tick(16.1) == ("drop",)
+
+
+def test_falls_back_to_sse_after_repeated_ws_failures_and_retries_ws_later():
+    c = Connection(half)
+    c.start(0.0)
+    t = 0.0
+    decision = None
+    for _ in range(WS_FAILURES_FOR_SSE):
+        t += 1.0
+        decision = c.closed(t, 1006)
+    assert decision[2] == "sse"
+    c.opened(t + 0.5)
+    assert c.transport == "sse"
+    assert c.retry_ws(t + 1.0) is None
+    assert c.retry_ws(t + WS_RETRY_AFTER + 1.0) == ("connect", 0, "ws")
+    # One more WebSocket failure and it is back to SSE.
+    assert c.closed(t + WS_RETRY_AFTER + 2.0, 1006)[2] == "sse"
