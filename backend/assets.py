@@ -120,10 +120,13 @@ def pyscript_config(runtime: str) -> dict[str, Any]:
     return {"interpreter": INTERPRETERS[runtime], "files": files}
 
 
-@get("/pyscript/{runtime:str}.json", media_type=MediaType.JSON, sync_to_thread=False)
-def pyscript_config_route(runtime: str) -> Response[bytes]:
-    if runtime not in INTERPRETERS:
-        raise ApiError(error_frame(NOT_FOUND, "runtime must be micropython or pyodide"))
+@get(
+    [f"/pyscript/{runtime}.json" for runtime in INTERPRETERS],
+    media_type=MediaType.JSON,
+    sync_to_thread=False,
+)
+def pyscript_config_route(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime = request.url.path.rsplit("/", 1)[1].removesuffix(".json")
     return Response(
         json.dumps(pyscript_config(runtime)).encode(),
         media_type=MediaType.JSON,

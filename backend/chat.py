@@ -208,14 +208,15 @@ class ChatService:
     async def _end(self, gen: _Generation, end: StreamEnd) -> None:
         key = stream_key(gen.user, gen.id)
         complete = isinstance(end, DoneFrame) and end.reason != "cancelled"
+        # History first: a client that sees the end and then reads history finds the answer.
         try:
+            await self.history.save_assistant_message(
+                gen.user, gen.conversation, gen.id, "".join(gen.parts), complete
+            )
+        finally:
             await self.log.finish(key, end, self.stream_ttl)
             await self.broker.publish(
                 user_channel(gen.user), StreamEnded(id=gen.id, seq=gen.seq, frame=end)
-            )
-        finally:
-            await self.history.save_assistant_message(
-                gen.user, gen.conversation, gen.id, "".join(gen.parts), complete
             )
 
     async def _context(self, user: str, conversation: str, id: str, text: str) -> list[ChatTurn]:

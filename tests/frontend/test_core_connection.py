@@ -21,7 +21,7 @@ def test_backoff_schedule_and_reset():
 
 def test_backoff_jitter_stays_within_bounds():
     for r in (0.0, 0.25, 0.999):
-        b = Backoff(lambda: r)
+        b = Backoff(lambda r=r: r)
         d = b.next_delay()
         assert 0.8 <= d <= 1.2
 

@@ -49,13 +49,13 @@ def test_cancel_conversation_drops_only_its_messages():
 
 def test_survives_a_reload_through_dumps_and_loads():
     o = Outbox()
-    o.add("1", "c", "héllo \u2028 \"quoted\"")
+    o.add("1", "c", 'héllo \u2028 "quoted"')
     o.add("2", "c", "b")
     o.mark_sent("1")
     restored = Outbox()
     restored.loads(o.dumps())
     assert ids(restored) == ["1", "2"]
-    assert restored.items[0]["text"] == "héllo \u2028 \"quoted\""
+    assert restored.items[0]["text"] == 'héllo \u2028 "quoted"'
     assert restored.items[0]["state"] == QUEUED  # after a reload nothing is in flight
 
 

@@ -14,12 +14,21 @@ def test_valid_frames_decode():
         assert protocol.token_first_seq(frame) == 4 - n
     assert protocol.decode('{"type":"hello","session":"s","node":"n","heartbeat":30,"protocol":1}')
     assert protocol.decode('{"type":"ping","t":5}')["t"] == 5
-    assert protocol.decode('{"type":"error","id":null,"code":"bad_frame","message":"m","retryable":false}')
+    assert protocol.decode(
+        '{"type":"error","id":null,"code":"bad_frame","message":"m","retryable":false}'
+    )
 
 
 def test_anything_malformed_is_dropped_not_raised():
     bad = [
-        "", "not json", "[]", "null", "5", '"str"', "{}", '{"type":"nope"}',
+        "",
+        "not json",
+        "[]",
+        "null",
+        "5",
+        '"str"',
+        "{}",
+        '{"type":"nope"}',
         '{"type":"token","id":"a","seq":"3","data":"x"}',
         '{"type":"token","id":"a","seq":3}',
         '{"type":"token","id":"a","seq":3,"data":"x","n":0}',
@@ -33,7 +42,12 @@ def test_anything_malformed_is_dropped_not_raised():
 
 
 def test_client_frames():
-    assert protocol.chat("i", "c", "t") == {"type": "chat", "id": "i", "conversation": "c", "text": "t"}
+    assert protocol.chat("i", "c", "t") == {
+        "type": "chat",
+        "id": "i",
+        "conversation": "c",
+        "text": "t",
+    }
     assert protocol.chat("i", "c", "t", after=4)["after"] == 4
     assert protocol.resume("i", 3) == {"type": "resume", "id": "i", "after": 3}
     assert protocol.cancel("i") == {"type": "cancel", "id": "i"}

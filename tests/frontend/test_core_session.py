@@ -19,7 +19,7 @@ def shown(session, frames):
         if f["type"] == "token":
             t, reply = session.on_token(f)
         else:
-            status, reply = session.on_done(f)
+            _status, reply = session.on_done(f)
             t = None
         if t:
             text += t
@@ -40,7 +40,9 @@ def test_in_order_tokens_are_shown_once():
 def test_duplicates_are_ignored():
     s = Session()
     s.track("a", "c")
-    text, sent = shown(s, [tok("a", 1, "x"), tok("a", 1, "x"), tok("a", 2, "y"), tok("a", 2, "yy", 2)])
+    text, sent = shown(
+        s, [tok("a", 1, "x"), tok("a", 1, "x"), tok("a", 2, "y"), tok("a", 2, "yy", 2)]
+    )
     assert text == "xy"
     assert sent == []
 
@@ -123,7 +125,7 @@ def test_frames_of_streams_not_shown_are_ignored():
 def test_random_delivery_with_resume_shows_the_text_exactly_once():
     import random
 
-    tokens = ["t%d " % i for i in range(1, 61)]
+    tokens = [f"t{i} " for i in range(1, 61)]
     for seed in range(60):
         random.seed(seed)
         s = Session()

@@ -78,6 +78,7 @@ class App:
         self.conn = Connection(lambda: window.Math.random())
         self.current = storage_get(CURRENT_KEY) or new_id()
         self.views = {}  # stream id -> AssistantView of the current conversation
+        self.known = []  # conversations the server has
         self.pending_nodes = {}  # request id -> the user message shown as pending
         self.ws = None
         self.ws_generation = 0
@@ -93,15 +94,19 @@ class App:
         self._listen(self.input, "keydown", self._on_keydown)
         self._listen(self.stop_button, "click", lambda _e: self.stop())
         self._listen(document.getElementById("new-chat"), "click", lambda _e: self.new_chat())
-        self._listen(window, "online", lambda _e: self._decide(self.conn.online(now())))
+        # MicroPython calls window.addEventListener with the wrong `this` ("Illegal
+        # invocation"); the same window reached as document.defaultView works in both.
+        self._listen(
+            document.defaultView, "online", lambda _e: self._decide(self.conn.online(now()))
+        )
         tick = create_proxy(lambda *_a: self._tick())
         self._proxies.append(tick)
         window.setInterval(tick, 1000)
         asyncio.create_task(self._boot())
 
     async def _boot(self):
-        await self.show(self.current)
         await self.refresh_conversations()
+        await self.show(self.current)
         self.input.disabled = False
         self.send_button.disabled = False
         self.input.placeholder = "Message tokenwire…"
@@ -122,6 +127,7 @@ class App:
             return
         self.conversations.replaceChildren()
         listed = False
+        self.known = [c["conversation"] for c in body.get("conversations", [])]
         for c in body.get("conversations", []):
             self._conversation_link(c["conversation"], c["title"] or "New chat")
             listed = listed or c["conversation"] == self.current
@@ -163,7 +169,9 @@ class App:
         self.views = {}
         self.pending_nodes = {}
         self.title.textContent = "tokenwire"
-        body = await self._get_json("/api/conversations/" + conversation)
+        body = None
+        if conversation in self.known:  # a new conversation has no history to load
+            body = await self._get_json("/api/conversations/" + conversation)
         if self.current != conversation:
             return  # the user moved on while we loaded
         messages = body.get("messages", []) if body else []
