@@ -120,6 +120,9 @@ class HelloFrame(_Frame, tag="hello"):
     session: str
     node: str
     heartbeat: float
+    # Added after version 1 was written, compatibly (clients ignore unknown fields): how
+    # long the server waits for an answer to its ping. Clients' watchdog uses the sum.
+    heartbeat_timeout: float
     protocol: int = PROTOCOL_VERSION
 
 

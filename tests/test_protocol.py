@@ -284,8 +284,15 @@ def test_error_never_contains_the_offending_value(raw: str) -> None:
 
 SERVER_FRAMES = [
     pytest.param(
-        HelloFrame(session="s1", node="node-1", heartbeat=30.0),
-        {"type": "hello", "session": "s1", "node": "node-1", "heartbeat": 30.0, "protocol": 1},
+        HelloFrame(session="s1", node="node-1", heartbeat=30.0, heartbeat_timeout=10.0),
+        {
+            "type": "hello",
+            "session": "s1",
+            "node": "node-1",
+            "heartbeat": 30.0,
+            "heartbeat_timeout": 10.0,
+            "protocol": 1,
+        },
         id="hello",
     ),
     pytest.param(
@@ -384,7 +391,9 @@ def test_server_frame_round_trip(sent: ServerFrame, wire: dict[str, Any]) -> Non
 
 
 def test_hello_carries_the_protocol_version() -> None:
-    hello = decode_server_frame(encode(HelloFrame(session="s", node="n", heartbeat=1.0)))
+    hello = decode_server_frame(
+        encode(HelloFrame(session="s", node="n", heartbeat=1.0, heartbeat_timeout=1.0))
+    )
     assert isinstance(hello, HelloFrame)
     assert hello.protocol == PROTOCOL_VERSION == 1
 

@@ -166,6 +166,7 @@ async def test_full_stream(server: Server) -> None:
     client = await Client.connect(server)
     assert client.hello["protocol"] == 1
     assert client.hello["heartbeat"] == 30
+    assert client.hello["heartbeat_timeout"] == 10
     assert client.hello["node"] and client.hello["session"]
     stream, _ = await start_chat(client, "Tell me about streaming")
     view = await client.until_end(stream)

@@ -87,6 +87,7 @@ class Connection:
                         session=self.name,
                         node=self.settings.node,
                         heartbeat=self.settings.heartbeat,
+                        heartbeat_timeout=self.settings.heartbeat_timeout,
                     )
                 )
                 if hub.draining:

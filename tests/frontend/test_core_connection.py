@@ -70,6 +70,9 @@ def test_watchdog_drops_a_silent_connection():
     c.frame(1.0, heartbeat=5.0)
     assert c.tick(15.9) is None
     assert c.tick(16.1) == ("drop",)
+    c.frame(20.0, heartbeat=0.5, heartbeat_timeout=0.5)  # a hello with the server's values
+    assert c.tick(20.9) is None
+    assert c.tick(21.1) == ("drop",)
 
 
 def test_falls_back_to_sse_after_repeated_ws_failures_and_retries_ws_later():

@@ -400,7 +400,10 @@ class App:
         frame = protocol.decode(text)
         if frame is None:
             return  # not a frame we understand: never fatal
-        self.conn.frame(now(), frame.get("heartbeat") if frame["type"] == "hello" else None)
+        if frame["type"] == "hello":
+            self.conn.frame(now(), frame["heartbeat"], frame.get("heartbeat_timeout"))
+        else:
+            self.conn.frame(now())
         self.on_frame(frame)
 
     def on_frame(self, frame):

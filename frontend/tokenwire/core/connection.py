@@ -67,10 +67,13 @@ class Connection:
         if self.transport == "ws":
             self.ws_failures = 0
 
-    def frame(self, now, heartbeat=None):
+    def frame(self, now, heartbeat=None, heartbeat_timeout=None):
+        """Any frame arrived; `hello` also brings the server's heartbeat settings."""
         self.last_frame = now
         if heartbeat:
             self.heartbeat = heartbeat
+        if heartbeat_timeout:
+            self.heartbeat_timeout = heartbeat_timeout
 
     def closed(self, now, code=None):
         """The connection ended (or an attempt failed). Decide the next attempt."""
