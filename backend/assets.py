@@ -86,7 +86,7 @@ def _compress(path: Path) -> _Compressed:
     )
 
 
-@get("/vendor/{package:str}/{path:path}", sync_to_thread=False)
+@get("/vendor/{package:str}/{path:path}")
 async def vendor_file(
     request: Request[Any, Any, Any], state: State, package: str, path: str
 ) -> Response[bytes]:
