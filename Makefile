@@ -45,8 +45,8 @@ system-deps:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check backend tests e2e
-	$(VENV)/bin/ruff format --check backend tests e2e
+	$(VENV)/bin/ruff check backend tests e2e bench
+	$(VENV)/bin/ruff format --check backend tests e2e bench
 	$(VENV)/bin/mypy
 
 pytest: venv
