@@ -35,3 +35,8 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield make
     for srv in started:
         srv.stop(signal.SIGKILL)
+
+
+# A real redis-server for the Redis backends: `redis_url` (one per session), `redis_clean`
+# (the same, emptied before the test) and `own_redis` (a server the test may restart).
+from tests.redis_server import own_redis, redis_clean, redis_server, redis_url  # noqa: E402, F401

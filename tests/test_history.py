@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from backend.history import ConversationSummary, History, SqliteHistory, StoredMessage
+from backend.history.redis import RedisHistory
 
 # Every await here is local I/O; a hang anywhere fails the test in seconds, with pytest-timeout
 # printing the stack of the await that hung, rather than after the suite-wide 180 s.
 pytestmark = pytest.mark.timeout(30)
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "redis"]
 
 OpenHistory = Callable[[], Awaitable[History]]
 Seen = tuple[str, str, str, str, bool]  # (id, conversation, role, text, complete)
@@ -27,10 +28,15 @@ async def open_history(
     """Opens a backend on the same storage each time it is called, so a test can close one
     and reopen; closes whatever is still open at the end."""
     opened: list[History] = []
+    # The storage of the Redis backend is the session's redis-server, emptied for each test.
+    redis_url = request.getfixturevalue("redis_clean") if request.param == "redis" else ""
 
     async def open_() -> History:
+        history: History
         if request.param == "sqlite":
             history = await SqliteHistory.open(str(tmp_path / "history.db"))
+        elif request.param == "redis":
+            history = RedisHistory(redis_url)
         else:
             raise NotImplementedError(request.param)
         opened.append(history)
@@ -290,3 +296,8 @@ async def test_conversation_summary(history: History) -> None:
     assert summary is not None
     assert (summary.conversation, summary.title) == ("c1", "first words")
     assert await history.conversation("u2", "c1") is None
+
+
+def test_redis_url_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"TOKENWIRE_REDIS_URL must start with redis://"):
+        RedisHistory("127.0.0.1:6379")

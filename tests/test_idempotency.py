@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,11 +14,15 @@ from backend.idempotency import (
     RequestRegistry,
     fingerprint,
 )
+from backend.idempotency_redis import RedisRequestRegistry
 
 pytestmark = pytest.mark.timeout(30)
 
 TIMEOUT = 5.0
 TTL = 100.0
+POLL = 0.01
+
+BACKENDS = ["memory", "redis"]
 
 
 class FakeClock:
@@ -26,6 +31,20 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKENDS)
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[RequestRegistry]:
+    """A registry of each backend with the default ttl (expiry and bounds are backend-specific
+    and tested per backend below)."""
+    if request.param == "memory":
+        yield MemoryRequestRegistry()
+    elif request.param == "redis":
+        redis_registry = RedisRequestRegistry(request.getfixturevalue("redis_clean"))
+        yield redis_registry
+        await redis_registry.aclose()
+    else:
+        raise NotImplementedError(request.param)
 
 
 HELLO = fingerprint("c1", "hello")
@@ -66,8 +85,7 @@ CLAIMS = [
 
 
 @pytest.mark.parametrize("claims", CLAIMS)
-async def test_claims(claims: list[tuple[str, str, str, Claim]]) -> None:
-    registry: RequestRegistry = MemoryRequestRegistry()
+async def test_claims(registry: RequestRegistry, claims: list[tuple[str, str, str, Claim]]) -> None:
     for user, id, print_, expected in claims:
         assert await registry.claim(user, id, print_) is expected, (user, id)
 
@@ -86,8 +104,7 @@ def test_fingerprint_tells_content_apart(a: tuple[str, str], b: tuple[str, str])
     assert fingerprint(*a) != fingerprint(*b)
 
 
-async def test_known() -> None:
-    registry = MemoryRequestRegistry()
+async def test_known(registry: RequestRegistry) -> None:
     assert await registry.known("alice", "r1") is False
     await registry.claim("alice", "r1", HELLO)
     assert await registry.known("alice", "r1") is True
@@ -95,8 +112,7 @@ async def test_known() -> None:
     assert await registry.known("alice", "r2") is False
 
 
-async def test_a_conflict_is_not_a_claim() -> None:
-    registry = MemoryRequestRegistry()
+async def test_a_conflict_is_not_a_claim(registry: RequestRegistry) -> None:
     await registry.claim("alice", "r1", HELLO)
     assert await registry.claim("alice", "r1", fingerprint("c1", "other")) is Claim.CONFLICT
     assert await registry.known("alice", "r1") is True
@@ -144,11 +160,49 @@ async def test_bound_evicts_the_oldest_claim() -> None:
 
 
 @pytest.mark.parametrize("same_content", [True, False], ids=["same-content", "other-content"])
-async def test_concurrent_claims_of_one_id_make_exactly_one_new(same_content: bool) -> None:
-    registry = MemoryRequestRegistry()
+async def test_concurrent_claims_of_one_id_make_exactly_one_new(
+    registry: RequestRegistry, same_content: bool
+) -> None:
     prints = [HELLO if same_content else fingerprint("c1", f"text {i}") for i in range(100)]
     async with asyncio.timeout(TIMEOUT):
         results = await asyncio.gather(*(registry.claim("alice", "r1", p) for p in prints))
     assert results.count(Claim.NEW) == 1
     others = Claim.SAME if same_content else Claim.CONFLICT
     assert results.count(others) == 99
+
+
+async def test_redis_claims_expire_after_ttl(redis_clean: str) -> None:
+    """Redis keeps time itself: a real short ttl, waited for by polling."""
+    registry = RedisRequestRegistry(redis_clean, ttl=0.3)
+    try:
+        await registry.claim("alice", "r1", HELLO)
+        assert await registry.known("alice", "r1") is True
+        assert await registry.claim("alice", "r1", HELLO) is Claim.SAME
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # poll: Redis expires the key on its own clock
+                if not await registry.known("alice", "r1"):
+                    break
+                await asyncio.sleep(POLL)
+        assert await registry.claim("alice", "r1", fingerprint("c1", "other")) is Claim.NEW
+    finally:
+        await registry.aclose()
+
+
+async def test_redis_claims_are_shared_between_nodes(redis_clean: str) -> None:
+    nodes = [RedisRequestRegistry(redis_clean) for _ in range(3)]
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            results = await asyncio.gather(
+                *(nodes[i % 3].claim("alice", "r1", HELLO) for i in range(30))
+            )
+        assert results.count(Claim.NEW) == 1
+        assert results.count(Claim.SAME) == 29
+        assert await nodes[1].known("alice", "r1") is True
+    finally:
+        for node in nodes:
+            await node.aclose()
+
+
+def test_redis_url_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"TOKENWIRE_REDIS_URL must start with redis://"):
+        RedisRequestRegistry("127.0.0.1:6379")

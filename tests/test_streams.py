@@ -1,26 +1,33 @@
 """The `StreamLog` contract, run against every backend (add one to `BACKENDS` to cover it).
 
 The fixture gives a log and `advance(seconds)`, which moves that log's clock: a fake clock
-for the memory backend, so expiry is tested without sleeping.
+for the memory backend, so expiry is tested without sleeping; for Redis, which keeps time
+itself, see `FastForwardLog`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
+import redis.asyncio
 
 from backend.protocol import DoneFrame, StreamEnd, error_frame
 from backend.streams import MemoryStreamLog, StreamExpired, StreamFull, StreamLog, StreamSlice
 from backend.streams.base import DEFAULT_READ_LIMIT
+from backend.streams.redis import RedisStreamLog, end_key, log_key
 
 pytestmark = pytest.mark.timeout(30)
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 MAX_TOKENS = 1000  # every backend of the suite is built with this bound
 TTL = 60.0
+SHORT_TTL = 0.05  # a real ttl, for Redis to expire a stream during a test
+EXPIRY_WAIT = 5.0  # at most this long for Redis to expire a stream past its ttl
+POLL = 0.01
 
-Advance = Callable[[float], None]
+Advance = Callable[[float], Awaitable[None]]
 
 
 class FakeClock:
@@ -34,15 +41,79 @@ class FakeClock:
         self.now += seconds
 
 
+async def wait_until_expired(log: StreamLog, key: str) -> None:
+    """Poll until reading `key` raises `StreamExpired` (Redis expires keys on its own time)."""
+    async with asyncio.timeout(EXPIRY_WAIT):
+        while True:
+            try:
+                await log.read_after(key, 0)
+            except StreamExpired:
+                return
+            await asyncio.sleep(POLL)
+
+
+class FastForwardLog(StreamLog):
+    """A Redis log under a fake clock, for the expiry tests shared with the memory backend.
+
+    `finish` passes the test's ttl on to Redis and notes the stream's deadline on the fake
+    clock. When `advance` moves that clock past a deadline, the stream is finished again
+    with a real `SHORT_TTL`, and `advance` returns once Redis has expired it. So a stream
+    is alive exactly while the fake clock is before its deadline, and the expiry the test
+    then sees is Redis's own.
+    """
+
+    def __init__(self, log: RedisStreamLog) -> None:
+        self.log = log
+        self.now = 0.0
+        self._deadlines: dict[str, tuple[float, StreamEnd]] = {}
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for key, (deadline, end) in list(self._deadlines.items()):
+            if deadline <= self.now:
+                del self._deadlines[key]
+                await self.log.finish(key, end, SHORT_TTL)
+                await wait_until_expired(self.log, key)
+
+    async def create(self, key: str) -> None:
+        await self.log.create(key)
+        self._deadlines.pop(key, None)  # a new stream, or a running one (no deadline)
+
+    async def append(self, key: str, tokens: Sequence[str]) -> int:
+        return await self.log.append(key, tokens)
+
+    async def finish(self, key: str, end: StreamEnd, ttl: float) -> None:
+        await self.log.finish(key, end, ttl)
+        self._deadlines[key] = (self.now + ttl, end)
+
+    async def read_after(
+        self, key: str, after: int, limit: int = DEFAULT_READ_LIMIT
+    ) -> StreamSlice:
+        return await self.log.read_after(key, after, limit)
+
+    def __len__(self) -> int:
+        return len(self.log)
+
+    async def aclose(self) -> None:
+        await self.log.aclose()
+
+
 @pytest.fixture(params=BACKENDS, ids=BACKENDS)
 async def stream_log(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StreamLog, Advance]]:
+    log: StreamLog
     if request.param == "memory":
         clock = FakeClock()
-        log: StreamLog = MemoryStreamLog(max_tokens=MAX_TOKENS, clock=clock)
-        advance = clock.advance
+        log = MemoryStreamLog(max_tokens=MAX_TOKENS, clock=clock)
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+
+        yield log, advance
+    elif request.param == "redis":
+        log = FastForwardLog(RedisStreamLog(request.getfixturevalue("redis_clean"), MAX_TOKENS))
+        yield log, log.advance
     else:
         raise NotImplementedError(request.param)
-    yield log, advance
     await log.aclose()
 
 
@@ -174,9 +245,9 @@ async def test_finished_stream_expires_after_ttl(stream_log: tuple[StreamLog, Ad
     await log.create("k")
     await log.append("k", ["a"])
     await log.finish("k", done(1), TTL)
-    advance(TTL - 1)
+    await advance(TTL - 1)
     assert await log.read_after("k", 0) == StreamSlice(tokens=["a"], end=done(1), last_seq=1)
-    advance(2)
+    await advance(2)
     with pytest.raises(StreamExpired):
         await log.read_after("k", 0)
     with pytest.raises(StreamExpired):
@@ -187,7 +258,7 @@ async def test_running_stream_does_not_expire(stream_log: tuple[StreamLog, Advan
     log, advance = stream_log
     await log.create("k")
     await log.append("k", ["a"])
-    advance(100 * TTL)
+    await advance(100 * TTL)
     assert await log.append("k", ["b"]) == 2
     assert await log.read_after("k", 0) == StreamSlice(tokens=["a", "b"], end=None, last_seq=2)
 
@@ -197,7 +268,7 @@ async def test_expired_key_can_be_created_again(stream_log: tuple[StreamLog, Adv
     await log.create("k")
     await log.append("k", ["a"])
     await log.finish("k", done(1), TTL)
-    advance(TTL + 1)
+    await advance(TTL + 1)
     await log.create("k")
     assert await log.read_after("k", 0) == StreamSlice(tokens=[], end=None, last_seq=0)
     assert await log.append("k", ["b"]) == 1
@@ -214,12 +285,12 @@ async def test_len_counts_streams_and_drops_expired_ones(
     assert len(log) == 2
     await log.finish("a", done(0), TTL)
     assert len(log) == 2  # finished streams are held until they expire
-    advance(TTL / 2)
+    await advance(TTL / 2)
     await log.finish("b", done(0), TTL)
-    advance(TTL / 2 + 1)  # "a" has expired, "b" has not
+    await advance(TTL / 2 + 1)  # "a" has expired, "b" has not
     await log.create("c")
     assert len(log) == 2
-    advance(TTL)
+    await advance(TTL)
     await log.create("d")
     assert len(log) == 2  # "c" and "d" run; "b" has gone
 
@@ -230,3 +301,99 @@ async def test_create_on_a_running_stream_keeps_it(log: StreamLog) -> None:
     await log.create("k")
     assert await log.read_after("k", 0) == StreamSlice(tokens=["a", "b"], end=None, last_seq=2)
     assert await log.append("k", ["c"]) == 3
+
+
+# ---- Redis only: what the shared suite cannot see ---------------------------------------
+
+
+@pytest.fixture
+async def redis_log(redis_clean: str) -> AsyncIterator[RedisStreamLog]:
+    log = RedisStreamLog(redis_clean, MAX_TOKENS)
+    yield log
+    await log.aclose()
+
+
+@pytest.fixture
+async def inspector(redis_clean: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain client, to look at the keys as Redis holds them."""
+    client = redis.asyncio.Redis.from_url(redis_clean)
+    yield client
+    await client.aclose()
+
+
+async def test_redis_finished_stream_expires_on_its_own(
+    redis_log: RedisStreamLog, inspector: redis.asyncio.Redis
+) -> None:
+    await redis_log.create("k")
+    await redis_log.append("k", ["a"])
+    # A running stream carries the safety expiry, so a crashed producer leaks nothing.
+    assert 0 < await inspector.pttl(log_key("k")) <= 24 * 3600 * 1000
+    await redis_log.finish("k", done(1), 0.3)
+    assert await redis_log.read_after("k", 0) == StreamSlice(tokens=["a"], end=done(1), last_seq=1)
+    for key in (log_key("k"), end_key("k")):
+        assert 0 < await inspector.pttl(key) <= 300
+    await wait_until_expired(redis_log, "k")
+    assert await inspector.exists(log_key("k"), end_key("k")) == 0
+    assert len(redis_log) == 0
+
+
+async def test_redis_append_is_fenced_against_a_recreated_stream(
+    redis_clean: str, inspector: redis.asyncio.Redis
+) -> None:
+    first, second = RedisStreamLog(redis_clean, MAX_TOKENS), RedisStreamLog(redis_clean, MAX_TOKENS)
+    try:
+        await first.create("k")
+        assert await first.append("k", ["a1"]) == 1
+        # Redis loses its data (a restart without persistence) and another node starts the
+        # same request again: the first producer must not write into the new stream.
+        await inspector.flushall()
+        await second.create("k")
+        assert await second.append("k", ["b1"]) == 1
+        with pytest.raises(StreamExpired):
+            await first.append("k", ["a2"])
+        with pytest.raises(StreamExpired):
+            await first.finish("k", done(2), TTL)
+        assert await second.read_after("k", 0) == StreamSlice(tokens=["b1"], end=None, last_seq=1)
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_redis_append_refuses_an_unexpected_seq(redis_clean: str) -> None:
+    owner, other = RedisStreamLog(redis_clean, MAX_TOKENS), RedisStreamLog(redis_clean, MAX_TOKENS)
+    try:
+        await owner.create("k")
+        assert await owner.append("k", ["a", "b"]) == 2
+        # Another writer (here one that never created the stream, so it appends unfenced)
+        # moved the stream on: the owner's next append would not be seq 3, so it is refused.
+        assert await other.append("k", ["x"]) == 3
+        with pytest.raises(StreamExpired):
+            await owner.append("k", ["c"])
+        assert await owner.read_after("k", 0) == StreamSlice(
+            tokens=["a", "b", "x"], end=None, last_seq=3
+        )
+    finally:
+        await owner.aclose()
+        await other.aclose()
+
+
+async def test_redis_concurrent_appends_keep_seqs_without_holes(redis_log: RedisStreamLog) -> None:
+    keys = [f"k{n}" for n in range(50)]
+    for key in keys:
+        await redis_log.create(key)
+
+    async def produce(key: str) -> list[int]:
+        return [await redis_log.append(key, [f"{key}-{i}", "+"]) for i in range(10)]
+
+    async with asyncio.timeout(10):
+        seqs = await asyncio.gather(*(produce(key) for key in keys))
+    assert seqs == [list(range(2, 21, 2))] * len(keys)
+    for key in keys:
+        piece = await redis_log.read_after(key, 0)
+        assert piece.last_seq == 20
+        assert piece.tokens[::2] == [f"{key}-{i}" for i in range(10)]
+
+
+def test_redis_url_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"TOKENWIRE_REDIS_URL must start with redis://"):
+        RedisStreamLog("127.0.0.1:6379", MAX_TOKENS)
