@@ -22,17 +22,22 @@ from litestar.static_files import create_static_files_router
 
 from backend.assets import NODE_MODULES, VendorFiles, pyscript_config_route, vendor_file
 from backend.broker import Broker, MemoryBroker
+from backend.broker.redis import RedisBroker
 from backend.chat import ChatError, ChatService
 from backend.history import SqliteHistory
 from backend.history.base import History
+from backend.history.redis import RedisHistory
 from backend.hub import Hub
-from backend.idempotency import MemoryRequestRegistry
+from backend.idempotency import MemoryRequestRegistry, RequestRegistry
+from backend.idempotency_redis import RedisRequestRegistry
+from backend.leases import Leases, MemoryLeases, RedisLeases
 from backend.protocol import FrameError
 from backend.providers import DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
 from backend.security import BearerTokens, Identity, identity_middleware
 from backend.settings import Settings
 from backend.streams import MemoryStreamLog, StreamLog
+from backend.streams.redis import RedisStreamLog
 from backend.transports.http import (
     ApiError,
     cancel_stream,
@@ -75,20 +80,38 @@ class Runtime:
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         s = self.settings
-        self.broker = MemoryBroker()
-        self.log = MemoryStreamLog(max_tokens=s.stream_max_tokens)
-        self.history = await SqliteHistory.open(s.db)
+        registry: RequestRegistry
+        leases: Leases
+        if s.redis_url:
+            # Every part a single process keeps in memory moves to Redis (DESIGN.md).
+            broker = RedisBroker(s.redis_url)
+            await broker.open()
+            self.broker = broker
+            self.log = RedisStreamLog(s.redis_url, max_tokens=s.stream_max_tokens)
+            self.history = RedisHistory(s.redis_url)
+            registry = RedisRequestRegistry(s.redis_url)
+            leases = RedisLeases(s.redis_url)
+        else:
+            self.broker = MemoryBroker()
+            self.log = MemoryStreamLog(max_tokens=s.stream_max_tokens)
+            self.history = await SqliteHistory.open(s.db)
+            registry = MemoryRequestRegistry()
+            leases = MemoryLeases()
         self.provider = make_provider(s)
         self.chat = ChatService(
             log=self.log,
             broker=self.broker,
             history=self.history,
             provider=self.provider,
-            registry=MemoryRequestRegistry(),
+            registry=registry,
+            leases=leases,
+            node=s.node,
             stream_ttl=s.stream_ttl,
             max_tokens=s.stream_max_tokens,
             context_messages=s.context_messages,
+            lease_ttl=s.lease_seconds,
         )
+        await self.chat.open()
         if not NODE_MODULES.is_dir():
             log.warning(
                 "frontend/node_modules is missing: the chat page cannot load PyScript. "
@@ -102,6 +125,9 @@ class Runtime:
             await self.provider.aclose()
             await self.history.aclose()
             await self.log.aclose()
+            await leases.aclose()
+            if isinstance(registry, RedisRequestRegistry):
+                await registry.aclose()
             await self.broker.aclose()
 
     async def drain(self) -> None:
@@ -140,6 +166,13 @@ def metrics(state: State) -> Response[str]:
             "Generations started",
             r.chat.generations_started,
         ),
+        (
+            "tokenwire_producers_lost_total",
+            "counter",
+            "Streams ended for their readers because their node died",
+            r.chat.producers_lost,
+        ),
+        ("tokenwire_broker_healthy", "gauge", "1 if fan-out works", int(r.broker.healthy)),
         (
             "tokenwire_slow_consumer_closes_total",
             "counter",

@@ -14,12 +14,25 @@ import logging
 from dataclasses import dataclass, field
 from typing import Final
 
-from backend.broker import Broker, StreamEnded, UserMessage, user_channel
+from redis.exceptions import RedisError
+
+from backend.broker import (
+    Broker,
+    CancelRequest,
+    Event,
+    StreamEnded,
+    Subscription,
+    UserMessage,
+    node_channel,
+    user_channel,
+)
 from backend.history.base import History
 from backend.idempotency import Claim, RequestRegistry, fingerprint
+from backend.leases import Leases
 from backend.protocol import (
     CONFLICT,
     NOT_FOUND,
+    OVERLOADED,
     PROVIDER_ERROR,
     SHUTTING_DOWN,
     STREAM_EXPIRED,
@@ -37,8 +50,14 @@ from backend.streams import StreamExpired, StreamLog, StreamSlice
 
 log = logging.getLogger(__name__)
 
-# How long an unexplained provider failure may take to be reported, at most.
 PROVIDER_ERROR_MESSAGE: Final = "the model failed to answer; retry"
+PRODUCER_LOST_MESSAGE: Final = "the server generating this answer stopped; retry"
+# Failures of the shared storage (Redis, or the SQLite file's disk): retryable for clients.
+STORAGE_ERRORS: Final = (RedisError, OSError, TimeoutError)
+
+
+def _unavailable(id: str | None) -> ErrorFrame:
+    return error_frame(OVERLOADED, "storage is unavailable for a moment; retry", id)
 
 
 class ChatError(Exception):
@@ -80,21 +99,37 @@ class ChatService:
         history: History,
         provider: Provider,
         registry: RequestRegistry,
+        leases: Leases,
+        node: str,
         stream_ttl: float,
         max_tokens: int,
         context_messages: int,
+        lease_ttl: float,
     ) -> None:
         self.log = log
         self.broker = broker
         self.history = history
         self.provider = provider
         self.registry = registry
+        self.leases = leases
+        self.node = node
         self.stream_ttl = stream_ttl
         self.max_tokens = max_tokens
         self.context_messages = context_messages
+        self.lease_ttl = lease_ttl
         self._running: dict[str, _Generation] = {}
         self._closing = False
+        self._renewer: asyncio.Task[None] | None = None
+        self._node_subscription: Subscription | None = None
         self.generations_started = 0
+        self.producers_lost = 0
+
+    async def open(self) -> None:
+        """Listen for cancels routed to this node; keep this node's leases alive."""
+        self._node_subscription = await self.broker.subscribe(
+            node_channel(self.node), self._on_node_event
+        )
+        self._renewer = asyncio.create_task(self._renew_leases(), name="lease renewal")
 
     @property
     def active_streams(self) -> int:
@@ -109,6 +144,15 @@ class ChatService:
         the same id with other content raises `ChatError(conflict)`."""
         if self._closing:
             raise ChatError(error_frame(SHUTTING_DOWN, "the server is shutting down; retry", id))
+        try:
+            return await self._start(user, id, conversation, text, origin)
+        except STORAGE_ERRORS:
+            log.warning("storage unavailable while starting %s", id, exc_info=True)
+            raise ChatError(_unavailable(id)) from None
+
+    async def _start(
+        self, user: str, id: str, conversation: str, text: str, origin: str
+    ) -> Accepted:
         claim = await self.registry.claim(user, id, fingerprint(conversation, text))
         if claim is Claim.CONFLICT:
             raise ChatError(_conflict(id))
@@ -124,6 +168,7 @@ class ChatService:
             if stored is None or stored.conversation != conversation or stored.text != text:
                 raise ChatError(_conflict(id))
             return Accepted(id, conversation, new=False)
+        await self.leases.acquire(key, self.node, self.lease_ttl)
         gen = _Generation(user=user, id=id, conversation=conversation)
         self._running[key] = gen
         self.generations_started += 1
@@ -140,21 +185,65 @@ class ChatService:
         """Tokens of the user's stream `id` after `after`; `ChatError` with `not_found` for
         an id this user never used, `stream_expired` for one whose log is gone."""
         try:
-            return await self.log.read_after(stream_key(user, id), after, limit)
-        except StreamExpired:
-            raise ChatError(await self._missing(user, id)) from None
+            try:
+                return await self.log.read_after(stream_key(user, id), after, limit)
+            except StreamExpired:
+                raise ChatError(await self._missing(user, id)) from None
+        except STORAGE_ERRORS:
+            raise ChatError(_unavailable(id)) from None
 
     async def cancel(self, user: str, id: str) -> None:
-        """Stop the generation of the user's stream `id`; it ends with `done` `cancelled`.
-        A stream that already ended is left as it is."""
-        gen = self._running.get(stream_key(user, id))
-        if gen is None:
+        """Stop the generation of the user's stream `id`, on whichever node runs it; it ends
+        with `done` `cancelled`. A stream that already ended is left as it is."""
+        key = stream_key(user, id)
+        if self._cancel_local(key):
+            return
+        try:
+            holder = await self.leases.holder(key)
+            if holder is not None:
+                await self.broker.publish(node_channel(holder), CancelRequest(user=user, id=id))
+                return
             if await self.registry.known(user, id) or await self.history.get_user_message(user, id):
                 return
-            raise ChatError(error_frame(NOT_FOUND, "no such stream", id))
+        except STORAGE_ERRORS:
+            raise ChatError(_unavailable(id)) from None
+        raise ChatError(error_frame(NOT_FOUND, "no such stream", id))
+
+    def _cancel_local(self, key: str) -> bool:
+        gen = self._running.get(key)
+        if gen is None:
+            return False
         if gen.task is not None and not gen.cancel_requested:
             gen.cancel_requested = True
             gen.task.cancel()
+        return True
+
+    def _on_node_event(self, event: Event) -> None:
+        if isinstance(event, CancelRequest):
+            self._cancel_local(stream_key(event.user, event.id))
+
+    async def check_producer(self, user: str, id: str) -> None:
+        """A reader saw no progress on stream `id` for a while: if no node holds its lease
+        and it has no end, its producer died. End it, so every reader gets a retryable
+        error instead of waiting forever. Storage errors leave it for the next check."""
+        key = stream_key(user, id)
+        if key in self._running:
+            return
+        try:
+            if await self.leases.holder(key) is not None:
+                return
+            piece = await self.log.read_after(key, 0, 0)
+            if piece.end is not None:
+                return
+            end = error_frame(PROVIDER_ERROR, PRODUCER_LOST_MESSAGE, id)
+            await self.log.finish(key, end, self.stream_ttl)
+            await self.broker.publish(
+                user_channel(user), StreamEnded(id=id, seq=piece.last_seq, frame=end)
+            )
+            self.producers_lost += 1
+            log.warning("stream %s lost its producer; ended it for its readers", id)
+        except (StreamExpired, *STORAGE_ERRORS):
+            return
 
     async def aclose(self) -> None:
         """Stop every generation (the answers so far are saved as incomplete) and wait."""
@@ -163,6 +252,26 @@ class ChatService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        if self._node_subscription is not None:
+            await self._node_subscription.close()
+
+    async def _renew_leases(self) -> None:
+        """Renew every running generation's lease three times per lease period. A lease
+        that went to nobody (this node stalled past it) stops its generation: another node
+        may already have ended the stream for its readers."""
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            for key, gen in list(self._running.items()):
+                try:
+                    held = await self.leases.renew(key, self.node, self.lease_ttl)
+                except STORAGE_ERRORS:
+                    continue  # the storage is down: so is every other node's view of it
+                if not held and not gen.cancel_requested and gen.task is not None:
+                    log.warning("generation %s lost its lease; stopping it", gen.id)
+                    gen.task.cancel()
 
     # ---- generation --------------------------------------------------------------------
 
@@ -209,15 +318,22 @@ class ChatService:
         key = stream_key(gen.user, gen.id)
         complete = isinstance(end, DoneFrame) and end.reason != "cancelled"
         # History first: a client that sees the end and then reads history finds the answer.
-        try:
-            await self.history.save_assistant_message(
+        # Each step is tried even if one before failed (storage down): what can be kept is.
+        steps = (
+            self.history.save_assistant_message(
                 gen.user, gen.conversation, gen.id, "".join(gen.parts), complete
-            )
-        finally:
-            await self.log.finish(key, end, self.stream_ttl)
-            await self.broker.publish(
+            ),
+            self.log.finish(key, end, self.stream_ttl),
+            self.broker.publish(
                 user_channel(gen.user), StreamEnded(id=gen.id, seq=gen.seq, frame=end)
-            )
+            ),
+            self.leases.release(key, self.node),
+        )
+        for step in steps:
+            try:
+                await step
+            except Exception:
+                log.warning("could not record the end of %s", gen.id, exc_info=True)
 
     async def _context(self, user: str, conversation: str, id: str, text: str) -> list[ChatTurn]:
         turns: list[ChatTurn] = []

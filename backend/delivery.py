@@ -6,13 +6,19 @@ to the user's broker channel, offers every event to its `Outbox`, runs the log r
 time with `next_frame`. The transports only move those frames onto their sockets, so the
 exactly-once logic exists once.
 
-Owned tasks: at most one fill per stream, cancelled and awaited on exit. The broker
-subscription is closed on exit.
+Live events are only the fast path (a Redis hiccup may lose some): a watch re-reads the
+log of every stream that made no progress for a while, so a lost token or end is found,
+and asks the chat service to check the producer of one silent for longer, so a stream
+whose node died ends with an error instead of hanging.
+
+Owned tasks: at most one fill per stream and the watch, cancelled and awaited on exit.
+The broker subscription is closed on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -21,6 +27,11 @@ from backend.chat import ChatError, ChatService
 from backend.outbox import Offer, Outbox
 from backend.protocol import ServerFrame, TokenFrame
 from backend.streams.base import DEFAULT_READ_LIMIT
+
+# Bounds of the watch's period (half a lease): often enough to notice a lost publish or a
+# dead producer soon, rarely enough to cost nothing.
+MIN_WATCH = 0.1
+MAX_WATCH = 5.0
 
 
 class Delivery:
@@ -48,10 +59,13 @@ class Delivery:
         self._room = asyncio.Event()
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._subscription: Subscription | None = None
+        self._progress: dict[str, float] = {}  # stream -> when it last moved here
+        self._watch_task: asyncio.Task[None] | None = None
         self.stopped = False
 
     async def __aenter__(self) -> Delivery:
         self._subscription = await self.broker.subscribe(user_channel(self.user), self._on_event)
+        self._watch_task = asyncio.create_task(self._watch(), name=f"{self.name} watch")
         return self
 
     async def __aexit__(
@@ -61,10 +75,12 @@ class Delivery:
         tb: TracebackType | None,
     ) -> None:
         self.stopped = True
-        fills = list(self._fills.values())
-        for task in fills:
+        tasks = list(self._fills.values())
+        if self._watch_task is not None:
+            tasks.append(self._watch_task)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*fills, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._subscription is not None:
             await self._subscription.close()
 
@@ -110,8 +126,10 @@ class Delivery:
         if self.stopped:
             return
         if isinstance(event, UserMessage):
-            if event.origin != self.name and self._only_stream is None:
-                self.push(event.frame)
+            if self._only_stream is None:
+                self.outbox.expect(event.frame.id)  # its tokens follow from seq 1
+                if event.origin != self.name:
+                    self.push(event.frame)
             return
         if self._only_stream is not None and event.id != self._only_stream:
             return
@@ -119,6 +137,9 @@ class Delivery:
             offer = self.outbox.offer_token(event.id, event.seq, event.data)
         elif isinstance(event, StreamEnded):
             offer = self.outbox.offer_end(event.id, event.seq, event.frame)
+        else:
+            return  # node-channel events are not for clients
+        self._progress[event.id] = time.monotonic()
         if offer is Offer.GAP:
             self._start_fill(event.id)
         self._after_queue()
@@ -144,17 +165,42 @@ class Delivery:
                 if self.stopped or not self.outbox.is_filling(stream):
                     return
                 self.outbox.fill(stream, piece.tokens, piece.end)
+                if piece.tokens or piece.end is not None:
+                    self._progress[stream] = time.monotonic()
                 self._after_queue()
                 caught_up = piece.end is not None or len(piece.tokens) < DEFAULT_READ_LIMIT
                 if caught_up and self.outbox.finish_fill(stream):
                     return
         except ChatError as exc:
-            if not self.stopped:
+            # Retryable (storage down for a moment): the watch reads again later.
+            if not self.stopped and not exc.frame.retryable:
                 self.outbox.abandon(stream, exc.frame)
                 self._after_queue()
         finally:
             if self._fills.get(stream) is asyncio.current_task():
                 del self._fills[stream]
+
+    async def _watch(self) -> None:
+        interval = min(max(self.chat.lease_ttl / 2, MIN_WATCH), MAX_WATCH)
+        producer_silence = self.chat.lease_ttl * 1.5
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            streams = self.outbox.open_streams()
+            for stream in list(self._progress):
+                if stream not in streams:
+                    del self._progress[stream]
+            for stream in streams:
+                idle = now - self._progress.setdefault(stream, now)
+                if idle < interval:
+                    continue
+                running = self._fills.get(stream)
+                if running is None and (
+                    self.outbox.recheck(stream) or self.outbox.is_filling(stream)
+                ):
+                    self._start_fill(stream)
+                if idle >= producer_silence:
+                    await self.chat.check_producer(self.user, stream)
 
     def _after_queue(self) -> None:
         if self.outbox.overflowed:

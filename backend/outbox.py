@@ -35,6 +35,7 @@ class Offer(Enum):
     DUPLICATE = "duplicate"
     GAP = "gap"  # the caller must start a fill of this stream
     HELD = "held"  # a fill is running; it will deliver this from the log
+    IGNORED = "ignored"  # a stream this connection does not deliver
 
 
 @dataclass(eq=False)
@@ -91,6 +92,11 @@ class Outbox:
 
     # ---- stream delivery --------------------------------------------------------------
 
+    def expect(self, stream: str) -> None:
+        """A stream just started (announced by its user message): deliver it from seq 1."""
+        if stream not in self._streams:
+            self._streams[stream] = _Stream(last=0)
+
     def follow(self, stream: str, after: int) -> None:
         """(Re)deliver `stream` from `after + 1`: drop its queued tokens and end, then fill.
 
@@ -111,9 +117,12 @@ class Outbox:
     def offer_token(self, stream: str, seq: int, data: str) -> Offer:
         state = self._streams.get(stream)
         if state is None:
-            # A stream this connection has not asked for (started on another tab): deliver
-            # from here on; the client asks for earlier tokens with `resume` if it wants them.
-            state = self._streams[stream] = _Stream(last=seq - 1)
+            if seq != 1:
+                # A stream that began before this connection knew of it: the client asks
+                # for it with `resume`. Forwarding it from here would race that resume and
+                # make the client see overlapping frames.
+                return Offer.IGNORED
+            state = self._streams[stream] = _Stream(last=0)
         if state.ended:
             return Offer.DUPLICATE
         if state.filling:
@@ -131,7 +140,7 @@ class Outbox:
         """A stream ended after token `seq` with `frame` (done, or an error of the stream)."""
         state = self._streams.get(stream)
         if state is None:
-            state = self._streams[stream] = _Stream(last=seq)
+            return Offer.IGNORED  # see offer_token
         if state.ended:
             return Offer.DUPLICATE
         if state.filling:
@@ -159,6 +168,19 @@ class Outbox:
         if not state.ended and (state.held > state.last or state.end_held):
             return False
         state.filling = False
+        return True
+
+    def open_streams(self) -> list[str]:
+        """Streams delivered here that have not ended."""
+        return [name for name, state in self._streams.items() if not state.ended]
+
+    def recheck(self, stream: str) -> bool:
+        """Read the log again from `last_seq` (a publish may have been lost, the end
+        included): True if the caller must start a fill; False if one runs or it ended."""
+        state = self._streams.get(stream)
+        if state is None or state.ended or state.filling:
+            return False
+        state.filling, state.held = True, state.last
         return True
 
     def abandon(self, stream: str, frame: ErrorFrame) -> None:

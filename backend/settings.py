@@ -26,6 +26,7 @@ DEFAULT_STREAM_TTL: Final = 600.0
 DEFAULT_STREAM_MAX_TOKENS: Final = 16_384
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 10.0
 DEFAULT_SSE_KEEPALIVE: Final = 15.0
+DEFAULT_LEASE_SECONDS: Final = 10.0
 DEFAULT_DEMO_FIRST_TOKEN_DELAY: Final = 0.3
 DEFAULT_DEMO_TOKENS_PER_SECOND: Final = 40.0
 DEFAULT_DEMO_PARAGRAPHS: Final = 3
@@ -64,6 +65,8 @@ class Settings:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
     api_tokens: tuple[str, ...] = ()
+    redis_url: str | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     provider: str = "demo"
     demo_first_token_delay: float = DEFAULT_DEMO_FIRST_TOKEN_DELAY
     demo_tokens_per_second: float = DEFAULT_DEMO_TOKENS_PER_SECOND
@@ -169,6 +172,15 @@ def _tokens(name: str, raw: str) -> tuple[str, ...]:
     return tokens
 
 
+def _redis_url(name: str, raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(
+            f"{name} must start with redis://, rediss:// or unix:// "
+            f"(got {raw!r}); for example redis://127.0.0.1:6379/0"
+        )
+    return raw
+
+
 def _str(name: str, raw: str) -> str:
     return raw
 
@@ -191,6 +203,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "shutdown_timeout": _number(float, 0.0, 3600.0),
     "sse_keepalive": _number(float, 0.05, 3600.0),
     "api_tokens": _tokens,
+    "redis_url": _redis_url,
+    "lease_seconds": _number(float, 0.2, 3600.0),
     "provider": _choice(PROVIDERS),
     "demo_first_token_delay": _number(float, 0.0, 60.0),
     "demo_tokens_per_second": _number(float, 0.0, 1_000_000.0),

@@ -24,7 +24,7 @@ from backend.protocol import (
     error_frame,
 )
 
-S, T = "s1", "s2"
+S, T, U = "s1", "s2", "s3"
 BIG = 1 << 30  # an outbox bound no script comes near
 
 
@@ -119,7 +119,7 @@ def fill(stream: str, tokens: Sequence[str], end: StreamEnd | None, caught_up: b
 ACK = AckFrame(id=S, conversation="c1")
 PING = PingFrame(t=1)
 EXPIRED = error_frame(STREAM_EXPIRED, "the stream's log expired", S)
-Q, DUP, GAP, HELD = Offer.QUEUED, Offer.DUPLICATE, Offer.GAP, Offer.HELD
+Q, DUP, GAP, HELD, IGN = Offer.QUEUED, Offer.DUPLICATE, Offer.GAP, Offer.HELD, Offer.IGNORED
 
 SCRIPTS = [
     pytest.param(
@@ -282,15 +282,17 @@ SCRIPTS = [
     ),
     pytest.param(
         [
-            Token(S, 5, "e", Q),
-            Token(S, 6, "f", Q),
-            Token(S, 5, "e", DUP),
-            Token(S, 4, "d", DUP),
-            End(T, 3, done(3, id=T), Q),
-            Token(T, 4, "x", DUP),
-            pop(tok(6, "ef", 2), done(3, id=T)),
+            # Met mid-way: ignored (the client resumes it; forwarding would race that).
+            Token(S, 5, "e", IGN),
+            Token(S, 6, "f", IGN),
+            End(T, 3, done(3, id=T), IGN),
+            # Met from its first token: delivered from there.
+            Token(U, 1, "a", Q),
+            Token(U, 2, "b", Q),
+            Token(U, 2, "b", DUP),
+            pop(tok(2, "ab", 2, id=U)),
         ],
-        id="unknown-stream-starts-where-it-is-met",
+        id="unknown-stream-delivered-only-from-its-start",
     ),
     pytest.param(
         [

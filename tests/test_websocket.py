@@ -414,11 +414,11 @@ async def test_heartbeat_closes_silent_connection_and_frees_it(make_server: Any)
         pings += (await alive.recv())["type"] == "ping"
     metrics = server.metrics()
     assert metrics["tokenwire_connections"] == 1
-    assert metrics["tokenwire_subscriptions"] == 1
+    assert metrics["tokenwire_subscriptions"] == baseline["tokenwire_subscriptions"] + 1
     assert metrics["tokenwire_heartbeat_timeouts_total"] == 1
     await alive.close()
     await wait_for(lambda: server.metrics()["tokenwire_connections"] == 0)
-    assert server.metrics()["tokenwire_subscriptions"] == 0
+    assert server.metrics()["tokenwire_subscriptions"] == baseline["tokenwire_subscriptions"]
 
 
 async def test_sigterm_closes_clients_with_1001_and_exits(make_server: Any, tmp_path: Any) -> None:

@@ -1,12 +1,23 @@
-from backend.broker.base import Broker, Event, StreamEnded, Subscription, UserMessage, user_channel
+from backend.broker.base import (
+    Broker,
+    CancelRequest,
+    Event,
+    StreamEnded,
+    Subscription,
+    UserMessage,
+    node_channel,
+    user_channel,
+)
 from backend.broker.memory import MemoryBroker
 
 __all__ = [
     "Broker",
+    "CancelRequest",
     "Event",
     "MemoryBroker",
     "StreamEnded",
     "Subscription",
     "UserMessage",
+    "node_channel",
     "user_channel",
 ]

@@ -29,12 +29,23 @@ class UserMessage(msgspec.Struct, frozen=True, tag="user_message", tag_field="ty
     frame: MessageFrame
 
 
-Event = TokenFrame | StreamEnded | UserMessage
+class CancelRequest(msgspec.Struct, frozen=True, tag="cancel_request", tag_field="type"):
+    """Sent on the channel of the node that runs the generation of (user, id)."""
+
+    user: str
+    id: str
+
+
+Event = TokenFrame | StreamEnded | UserMessage | CancelRequest
 Listener = Callable[[Event], None]
 
 
 def user_channel(user: str) -> str:
     return f"user:{user}"
+
+
+def node_channel(node: str) -> str:
+    return f"node:{node}"
 
 
 class Subscription(ABC):
@@ -53,6 +64,11 @@ class Broker(ABC):
 
     @abstractmethod
     async def subscribe(self, channel: str, listener: Listener) -> Subscription: ...
+
+    @property
+    def healthy(self) -> bool:
+        """Whether delivery works now (for /readyz); an in-process broker always does."""
+        return True
 
     @abstractmethod
     def subscriptions(self) -> int:

@@ -166,4 +166,6 @@ def readyz(state: State) -> Response[dict[str, Any]]:
     node = state.runtime.settings.node
     if hub.draining:
         return Response({"status": "draining", "node": node}, status_code=503)
+    if not state.runtime.broker.healthy:
+        return Response({"status": "broker unreachable", "node": node}, status_code=503)
     return Response({"status": "ready", "node": node})
