@@ -9,10 +9,24 @@ SYSTEM_PACKAGES := chromium redis-server
 
 NODE_STAMP := frontend/node_modules/.installed
 
-.PHONY: run test lint pytest venv frontend system-deps clean
+.PHONY: run run-cluster test lint pytest venv frontend system-deps clean
 
 run: venv frontend
 	$(PY) -m backend
+
+# Two nodes and a Redis on one machine: http://127.0.0.1:8001 and http://127.0.0.1:8002
+# are one tokenwire (put any load balancer in front; no sticky sessions needed).
+CLUSTER_REDIS_PORT ?= 6390
+CLUSTER_SECRET ?= local-cluster-secret-change-me
+run-cluster: venv frontend
+	@command -v redis-server >/dev/null || { echo "install redis-server first (apt-get install redis-server)"; exit 1; }
+	@set -e; dir=$$(mktemp -d); \
+	redis-server --port $(CLUSTER_REDIS_PORT) --bind 127.0.0.1 --save '' --appendonly no --dir $$dir --daemonize no & redis=$$!; \
+	trap 'kill $$redis $$a $$b 2>/dev/null; wait' INT TERM EXIT; \
+	export TOKENWIRE_REDIS_URL=redis://127.0.0.1:$(CLUSTER_REDIS_PORT)/0 TOKENWIRE_SECRET=$(CLUSTER_SECRET); \
+	PORT=8001 TOKENWIRE_NODE=node-a $(PY) -m backend & a=$$!; \
+	PORT=8002 TOKENWIRE_NODE=node-b $(PY) -m backend & b=$$!; \
+	wait $$a $$b
 
 test: venv frontend system-deps lint pytest
 
