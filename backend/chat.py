@@ -81,9 +81,19 @@ class _Generation:
     id: str
     conversation: str
     task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
+    # Why it is being stopped: "cancel" (a user), "lease" (lost it), "shutdown". The task
+    # is also cancelled, but the loop checks this too: on Python 3.11 a cancel arriving
+    # as an awaited Redis command completes can be swallowed (asyncio.wait_for).
+    stop: str | None = None
     seq: int = 0
     parts: list[str] = field(default_factory=list)
+
+
+def _stop(gen: _Generation, why: str) -> None:
+    if gen.stop is None:
+        gen.stop = why
+    if gen.task is not None:
+        gen.task.cancel()
 
 
 def stream_key(user: str, id: str) -> str:
@@ -188,6 +198,11 @@ class ChatService:
             try:
                 return await self.log.read_after(stream_key(user, id), after, limit)
             except StreamExpired:
+                if after > 0:
+                    # The client was shown tokens of it, so it existed for this user (ids
+                    # are per user: this reveals nothing of anyone else's); its log and
+                    # records are gone, e.g. with a Redis that restarted empty.
+                    raise ChatError(_expired(id)) from None
                 raise ChatError(await self._missing(user, id)) from None
         except STORAGE_ERRORS:
             raise ChatError(_unavailable(id)) from None
@@ -213,9 +228,7 @@ class ChatService:
         gen = self._running.get(key)
         if gen is None:
             return False
-        if gen.task is not None and not gen.cancel_requested:
-            gen.cancel_requested = True
-            gen.task.cancel()
+        _stop(gen, "cancel")
         return True
 
     def _on_node_event(self, event: Event) -> None:
@@ -249,8 +262,8 @@ class ChatService:
         """Stop every generation (the answers so far are saved as incomplete) and wait."""
         self._closing = True
         tasks = [g.task for g in self._running.values() if g.task is not None]
-        for task in tasks:
-            task.cancel()
+        for gen in self._running.values():
+            _stop(gen, "shutdown")
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._renewer is not None:
             self._renewer.cancel()
@@ -269,9 +282,9 @@ class ChatService:
                     held = await self.leases.renew(key, self.node, self.lease_ttl)
                 except STORAGE_ERRORS:
                     continue  # the storage is down: so is every other node's view of it
-                if not held and not gen.cancel_requested and gen.task is not None:
+                if not held and gen.stop is None:
                     log.warning("generation %s lost its lease; stopping it", gen.id)
-                    gen.task.cancel()
+                    _stop(gen, "lease")
 
     # ---- generation --------------------------------------------------------------------
 
@@ -294,10 +307,14 @@ class ChatService:
                 await self.broker.publish(
                     user_channel(gen.user), TokenFrame(id=gen.id, seq=gen.seq, data=item)
                 )
+                if gen.stop is not None:
+                    raise asyncio.CancelledError
             end = DoneFrame(id=gen.id, seq=gen.seq, reason=reason)
         except asyncio.CancelledError:
-            if gen.cancel_requested:
+            if gen.stop == "cancel":
                 end = DoneFrame(id=gen.id, seq=gen.seq, reason="cancelled")
+            elif gen.stop == "lease":
+                end = error_frame(PROVIDER_ERROR, PRODUCER_LOST_MESSAGE, gen.id)
             else:
                 shutting_down = True
                 end = error_frame(SHUTTING_DOWN, "the server restarted; retry", gen.id)

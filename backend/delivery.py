@@ -25,11 +25,12 @@ from types import TracebackType
 from backend.broker import Broker, Event, StreamEnded, Subscription, UserMessage, user_channel
 from backend.chat import ChatError, ChatService
 from backend.outbox import Offer, Outbox
-from backend.protocol import ServerFrame, TokenFrame
+from backend.protocol import NOT_FOUND, STREAM_EXPIRED, ServerFrame, TokenFrame, error_frame
 from backend.streams.base import DEFAULT_READ_LIMIT
 
 # Bounds of the watch's period (half a lease): often enough to notice a lost publish or a
 # dead producer soon, rarely enough to cost nothing.
+EXPIRED_MESSAGE = "this answer is no longer available; send the message again"
 MIN_WATCH = 0.1
 MAX_WATCH = 5.0
 
@@ -174,7 +175,12 @@ class Delivery:
         except ChatError as exc:
             # Retryable (storage down for a moment): the watch reads again later.
             if not self.stopped and not exc.frame.retryable:
-                self.outbox.abandon(stream, exc.frame)
+                frame = exc.frame
+                if frame.code == NOT_FOUND and stream in self._progress:
+                    # This client was shown the stream, so it existed: its log and records
+                    # were lost (Redis restarted empty). Say so, not "not yours".
+                    frame = error_frame(STREAM_EXPIRED, EXPIRED_MESSAGE, stream)
+                self.outbox.abandon(stream, frame)
                 self._after_queue()
         finally:
             if self._fills.get(stream) is asyncio.current_task():
