@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import httpx
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from tests.harness import Server
 
@@ -15,12 +15,16 @@ STREAM_TIMEOUT = 30_000
 
 @dataclass
 class ChatPage:
+    """`origin` is where the page is opened (a proxy in front of the server, say); the
+    server's own record (`history`) is always read from the server directly."""
+
     page: Page
     server: Server
+    origin: str | None = None
 
     def open(self, runtime: str = "micropython") -> ChatPage:
         query = "?runtime=pyodide" if runtime == "pyodide" else ""
-        self.page.goto(self.server.url + "/" + query)
+        self.page.goto((self.origin or self.server.url) + "/" + query)
         self.wait_ready()
         return self
 
@@ -28,6 +32,31 @@ class ChatPage:
         expect(self.page.locator("#app")).to_have_attribute(
             "data-ready", "true", timeout=LOAD_TIMEOUT
         )
+
+    def wait_offline_ready(self) -> None:
+        """Wait until the service worker holds everything a reload needs without a network."""
+        expect(self.page.locator("html")).to_have_attribute(
+            "data-offline-ready", "true", timeout=LOAD_TIMEOUT
+        )
+
+    @property
+    def status(self) -> Locator:
+        """The "Reconnecting…" indicator."""
+        return self.page.locator("#status")
+
+    @property
+    def pending(self) -> Locator:
+        """The user's messages still queued (not yet acknowledged by the server)."""
+        return self.page.locator(".msg.user.pending")
+
+    @property
+    def pending_texts(self) -> Locator:
+        """The texts of `pending` (without their Cancel buttons)."""
+        return self.pending.locator(".text")
+
+    def transport(self) -> str:
+        value: str = self.page.locator("#app").get_attribute("data-transport") or ""
+        return value
 
     def send(self, text: str) -> None:
         self.page.fill("#input", text)

@@ -4,6 +4,10 @@ Playwright's own browser download cannot work here, so the suite drives
 /usr/bin/chromium (installed by `make test`) with the flags FIELD-NOTES.md records:
 without the background-networking ones Chromium keeps trying to reach the closed network.
 Screenshots of failures (and traces on request: `--tracing on`) land in test-results/.
+
+Every test also fails if the page threw an uncaught error (a Python exception in an event
+handler shows up as one): a client that breaks quietly must not pass because the text
+still came out right.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Page
 
 from tests.harness import Server, start_server
 
@@ -37,6 +42,14 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make test` (it installs Debian's chromium)")
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(autouse=True)
+def no_page_errors(page: Page) -> Iterator[None]:
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield
+    assert errors == [], "the page threw:\n" + "\n".join(errors)
 
 
 @pytest.fixture(scope="module")

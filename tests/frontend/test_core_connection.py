@@ -1,7 +1,12 @@
 # Reconnect decisions and backoff (runs under CPython and MicroPython).
 
 from tokenwire.core.backoff import Backoff
-from tokenwire.core.connection import WS_FAILURES_FOR_SSE, WS_RETRY_AFTER, Connection
+from tokenwire.core.connection import (
+    CONNECT_TIMEOUT,
+    WS_FAILURES_FOR_SSE,
+    WS_RETRY_AFTER,
+    Connection,
+)
 
 
 def half():
@@ -90,3 +95,63 @@ def test_falls_back_to_sse_after_repeated_ws_failures_and_retries_ws_later():
     assert c.retry_ws(t + WS_RETRY_AFTER + 1.0) == ("connect", 0, "ws")
     # One more WebSocket failure and it is back to SSE.
     assert c.closed(t + WS_RETRY_AFTER + 2.0, 1006)[2] == "sse"
+
+
+def test_failures_while_the_server_is_unreachable_do_not_switch_to_sse():
+    # The server (or the network) was down: WebSocket is not to blame. Only failures
+    # while plain HTTP works mean something blocks WebSocket.
+    c = Connection(half)
+    c.start(0.0)
+    c.opened(0.1)
+    assert c.closed(5.0, 1006, reachable=False) == ("connect", 0, "ws")  # lost a good one
+    delays = []
+    for i in range(WS_FAILURES_FOR_SSE + 3):
+        decision = c.closed(6.0 + i, 1006, reachable=False)
+        assert decision[2] == "ws"
+        delays.append(decision[1])
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]  # backing off all the while
+    c.opened(40.0)
+    assert c.transport == "ws"
+    assert c.closed(60.0, 1006) == ("connect", 0, "ws")  # it had been stable: at once
+    # Now the server answers HTTP, yet WebSocket keeps failing: that is what SSE is for.
+    transports = [c.closed(61.0 + i, 1006, reachable=True)[2] for i in range(WS_FAILURES_FOR_SSE)]
+    assert transports == ["ws"] * (WS_FAILURES_FOR_SSE - 1) + ["sse"]
+
+
+def test_offline_event_drops_an_open_websocket_at_once():
+    c = Connection(half)
+    assert c.offline(0.0) is None  # nothing to drop yet
+    c.start(0.0)
+    c.opened(0.1)
+    assert c.offline(1.0) == ("drop",)
+    assert c.closed(1.0, 4000) == ("connect", 0, "ws")
+    assert c.reconnecting
+    assert c.offline(1.1) is None  # not open: the attempt fails on its own
+
+
+def test_an_attempt_that_never_opens_is_given_up():
+    # A black-holed network completes no handshake and reports nothing.
+    c = Connection(half)
+    assert c.start(0.0) == ("connect", 0, "ws")
+    assert c.tick(CONNECT_TIMEOUT - 0.5) is None
+    assert c.tick(CONNECT_TIMEOUT + 0.5) == ("drop",)
+    assert c.tick(CONNECT_TIMEOUT + 1.5) is None  # once: the `closed` report decides next
+    decision = c.closed(CONNECT_TIMEOUT + 2.0, None, reachable=False)
+    assert decision == ("connect", 1.0, "ws")
+    # The deadline counts from when the delayed attempt starts.
+    t = CONNECT_TIMEOUT + 2.0 + 1.0
+    assert c.tick(t + CONNECT_TIMEOUT - 0.5) is None
+    assert c.tick(t + CONNECT_TIMEOUT + 0.5) == ("drop",)
+    c.opened(t + 1.0)
+    assert c.tick(t + 1.5) is None
+
+
+def test_reconnecting_is_shown_once_an_attempt_failed_even_if_never_connected():
+    # A page loaded offline (from the service worker) was never connected.
+    c = Connection(half)
+    c.start(0.0)
+    assert not c.reconnecting
+    c.closed(0.1, 1006, reachable=False)
+    assert c.reconnecting
+    c.opened(2.0)
+    assert not c.reconnecting

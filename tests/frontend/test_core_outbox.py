@@ -47,6 +47,29 @@ def test_cancel_conversation_drops_only_its_messages():
     assert [m["id"] for m in o.pending("c2")] == ["2"]
 
 
+def test_only_a_message_never_sent_can_be_cancelled():
+    # Once on the wire the server may have stored it (its ack lost with the connection):
+    # cancelling could not keep the promise that it is never sent.
+    o = Outbox()
+    o.add("1", "c", "a")
+    o.add("2", "c", "b")
+    o.add("3", "c", "c")
+    o.mark_sent("1")
+    o.disconnected()
+    assert not o.cancellable("1")
+    assert o.cancellable("2")
+    assert o.cancel("1") is None
+    assert o.cancel("2")["text"] == "b"
+    assert o.cancel("2") is None
+    assert o.cancel_conversation("c") == ["3"]
+    assert ids(o) == ["1"]
+    # A reload keeps knowing it was sent.
+    restored = Outbox()
+    restored.loads(o.dumps())
+    assert not restored.cancellable("1")
+    assert restored.cancel("1") is None
+
+
 def test_survives_a_reload_through_dumps_and_loads():
     o = Outbox()
     o.add("1", "c", 'héllo \u2028 "quoted"')
@@ -66,6 +89,11 @@ def test_loads_ignores_garbage():
         assert o.items == []
     o.loads('[["1", "c", "x"], "junk"]')
     assert ids(o) == ["1"]
+    assert o.cancellable("1")  # saved before `tried` existed: never sent
+    o.loads('[["1", "c", "x", 1], ["2", "c", "y", 0], ["3", "c", "z", 0, 0]]')
+    assert ids(o) == ["1", "2"]
+    assert not o.cancellable("1")
+    assert o.cancellable("2")
 
 
 def test_acked_of_unknown_id_is_none():

@@ -152,3 +152,17 @@ def test_random_delivery_with_resume_shows_the_text_exactly_once():
             text += t or ""
         assert text == "".join(tokens), seed
         assert s.get("a").status == DONE
+
+
+def test_a_stream_still_queued_is_not_resumed_until_acked():
+    # Its `chat` waits in the outbox: a `resume` of an id the server never saw would be
+    # answered `not_found` and end the stream before the `chat` is even sent.
+    s = Session()
+    s.track("sent", "c")
+    s.track("queued", "c", acked=False)
+    assert s.resume_frames() == [{"type": "resume", "id": "sent", "after": 0}]
+    s.acked("queued")
+    frames = s.resume_frames()
+    frames.sort(key=lambda f: f["id"])
+    assert [f["id"] for f in frames] == ["queued", "sent"]
+    s.acked("unknown")  # an ack of a stream not shown: nothing to do

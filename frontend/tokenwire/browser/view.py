@@ -124,7 +124,9 @@ class AssistantView:
 
 
 def user_message(container, id, text, pending=False):
-    node = element("div", "msg user pending" if pending else "msg user", text)
+    """The user's message; its text in a `.text` child, beside any controls (Cancel)."""
+    node = element("div", "msg user pending" if pending else "msg user")
+    node.appendChild(element("span", "text", text))
     node.setAttribute("data-id", id)
     container.appendChild(node)
     return node

@@ -12,8 +12,13 @@ with the current time in seconds, and carries out the returned decision:
 Rules (PROTOCOL.md and the client issue): reconnect at once after a close or the window's
 `online` event, then back off 1, 2, 4, 8, 16, 30 ... s with jitter; 1001 (server going
 away) reconnects at once every time; 1008 (policy) stops; no frame for heartbeat +
-timeout means dead. After `WS_FAILURES_FOR_SSE` WebSocket attempts in a row that never
-opened, the client falls back to SSE, and tries WebSocket again after `WS_RETRY_AFTER`.
+timeout means dead, and so does the window's `offline` event; an attempt still not open
+after `CONNECT_TIMEOUT` is given up (a black-holed network never answers the handshake).
+After `WS_FAILURES_FOR_SSE` WebSocket attempts in a row that never opened while the server
+answered plain HTTP (the browser layer probes it: `reachable`), the client falls back to
+SSE, and tries WebSocket again after `WS_RETRY_AFTER`. Attempts that failed because the
+server or the network was down say nothing about WebSocket and do not count: otherwise
+every outage longer than a few seconds would leave the client on SSE.
 """
 
 from tokenwire.core.backoff import Backoff
@@ -22,6 +27,7 @@ DEFAULT_HEARTBEAT = 30.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 WS_FAILURES_FOR_SSE = 3
 WS_RETRY_AFTER = 60.0
+CONNECT_TIMEOUT = 10.0  # seconds an attempt may take to open
 GOING_AWAY_WINDOW = 2.0  # a second 1001 this soon backs off: the server may be draining
 
 CLOSED = "closed"
@@ -40,26 +46,31 @@ class Connection:
         self.ws_failures = 0  # WebSocket attempts in a row that never opened
         self.sse_since = None
         self.last_frame = 0.0
+        self.connect_deadline = None  # when the current attempt is given up, if not open
         self.ever_opened = False
+        self.ever_failed = False
         self._opened_this_attempt = False
         self._immediate_used = False
         self._last_going_away = -1e9
 
     @property
     def reconnecting(self):
-        """Show the subtle "Reconnecting..." indicator."""
-        return self.ever_opened and self.state != OPEN
+        """Show the subtle "Reconnecting..." indicator: not connected, and either it had
+        been or an attempt has failed (a page loaded offline, from the service worker)."""
+        return (self.ever_opened or self.ever_failed) and self.state != OPEN
 
     def start(self, now):
-        return self._attempt(0)
+        return self._attempt(now, 0)
 
-    def _attempt(self, delay):
+    def _attempt(self, now, delay):
         self.state = CONNECTING
         self._opened_this_attempt = False
+        self.connect_deadline = now + delay + CONNECT_TIMEOUT
         return ("connect", delay, self.transport)
 
     def opened(self, now):
         self.state = OPEN
+        self.connect_deadline = None
         self.ever_opened = True
         self._opened_this_attempt = True
         self.last_frame = now
@@ -75,10 +86,14 @@ class Connection:
         if heartbeat_timeout:
             self.heartbeat_timeout = heartbeat_timeout
 
-    def closed(self, now, code=None):
-        """The connection ended (or an attempt failed). Decide the next attempt."""
+    def closed(self, now, code=None, reachable=True):
+        """The connection ended (or an attempt failed). Decide the next attempt.
+        `reachable`: for a WebSocket attempt that never opened, whether the server
+        answered plain HTTP just after (if not, the failure does not count against
+        WebSocket)."""
         if self.state == STOPPED:
             return None
+        self.ever_failed = True
         was_open = self._opened_this_attempt
         if self.backoff.closed(now):
             self._immediate_used = False  # it had been stable: a fresh start
@@ -86,6 +101,8 @@ class Connection:
             self.state = STOPPED
             return None
         if self.transport == "ws" and not was_open:
+            if not reachable:
+                return self._attempt(now, self.backoff.next_delay())
             self.ws_failures += 1
             if self.ws_failures >= WS_FAILURES_FOR_SSE:
                 self.transport, self.sse_since = "sse", now
@@ -103,13 +120,22 @@ class Connection:
             self._immediate_used = True
         else:
             delay = self.backoff.next_delay()
-        return self._attempt(delay)
+        return self._attempt(now, delay)
 
     def online(self, now):
         """The browser says the network is back: try now unless already connected."""
         if self.state == OPEN or self.state == STOPPED:
             return None
-        return self._attempt(0)
+        return self._attempt(now, 0)
+
+    def offline(self, now):
+        """The browser says the network is gone. An open WebSocket shows no sign of it (its
+        frames are held), so drop it now rather than after the watchdog's wait: the user
+        sees "Reconnecting..." at once, and messages typed meanwhile stay queued (and can
+        be cancelled) instead of vanishing into a held socket."""
+        if self.transport == "ws" and self.state == OPEN:
+            return ("drop",)
+        return None
 
     def retry_ws(self, now):
         """In SSE mode, every WS_RETRY_AFTER seconds: try WebSocket again (one failure and
@@ -117,10 +143,14 @@ class Connection:
         if self.transport != "sse" or self.state != OPEN or now - self.sse_since < WS_RETRY_AFTER:
             return None
         self.transport, self.ws_failures = "ws", WS_FAILURES_FOR_SSE - 1
-        return self._attempt(0)
+        return self._attempt(now, 0)
 
     def tick(self, now):
-        """Called every second or so: the heartbeat watchdog."""
+        """Called every second or so: the heartbeat watchdog, and the attempt's deadline."""
         if self.state == OPEN and now - self.last_frame > self.heartbeat + self.heartbeat_timeout:
+            return ("drop",)
+        deadline = self.connect_deadline
+        if self.state == CONNECTING and deadline is not None and now > deadline:
+            self.connect_deadline = None  # one drop per attempt; `closed` decides next
             return ("drop",)
         return None

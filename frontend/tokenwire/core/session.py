@@ -6,6 +6,11 @@ gap: the session asks for `resume` after `last`, and while that resume is pendin
 ignores the stream's frames beyond `last + 1` (the server answers a resume with the
 missing tokens first, then continues live). The text shown is therefore exactly the
 provider's text, once, in order.
+
+A stream whose `chat` has not been acknowledged yet (still in the offline queue) is not
+resumed on reconnect: the server may never have seen its id, and a `resume` of an unknown
+id is `not_found`. Re-sending the `chat` (same id) is what brings it back: the server acks
+again and replays.
 """
 
 from tokenwire.core.protocol import resume, token_first_seq
@@ -18,11 +23,12 @@ ENDED = (DONE, CANCELLED, FAILED)
 
 
 class Stream:
-    def __init__(self, id, conversation, last=0, status=STREAMING):
+    def __init__(self, id, conversation, last=0, status=STREAMING, acked=True):
         self.id = id
         self.conversation = conversation
         self.last = last
         self.status = status
+        self.acked = acked  # False while its `chat` waits in the outbox for an `ack`
         self.resume_pending = False
         self.error = None  # the error frame that ended it, if any
 
@@ -37,12 +43,19 @@ class Session:
     def get(self, id):
         return self._streams.get(id)
 
-    def track(self, id, conversation, last=0):
-        """Show stream `id` from after `last` (a new answer, or one restored on reload)."""
+    def track(self, id, conversation, last=0, acked=True):
+        """Show stream `id` from after `last` (a new answer, or one restored on reload).
+        `acked=False` for a message still queued: it is sent as `chat`, not resumed."""
         stream = self._streams.get(id)
         if stream is None:
-            stream = self._streams[id] = Stream(id, conversation, last)
+            stream = self._streams[id] = Stream(id, conversation, last, acked=acked)
         return stream
+
+    def acked(self, id):
+        """The server stored the stream's `chat`: from now on it is resumed like any."""
+        stream = self._streams.get(id)
+        if stream is not None:
+            stream.acked = True
 
     def forget(self, id):
         self._streams.pop(id, None)
@@ -51,9 +64,12 @@ class Session:
         return [s for s in self._streams.values() if s.status == STREAMING]
 
     def resume_frames(self):
-        """On every (re)connect: resume each unfinished stream from its last seq."""
+        """On every (re)connect: resume each unfinished, acknowledged stream from its last
+        seq (the others go again as `chat`, from the outbox)."""
         frames = []
         for stream in self.unfinished():
+            if not stream.acked:
+                continue
             stream.resume_pending = True
             frames.append(resume(stream.id, stream.last))
         return frames
