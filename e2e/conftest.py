@@ -12,7 +12,6 @@ still came out right.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page
 
-from tests.harness import Server, start_server
+from tests.harness import Server, server_factory
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -54,20 +53,11 @@ def no_page_errors(page: Page) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("e2e"), **E2E_DEMO)
-    yield srv
-    srv.stop(signal.SIGKILL)
+    with server_factory(tmp_path_factory.mktemp("e2e"), **E2E_DEMO) as make:
+        yield make()
 
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    started: list[Server] = []
-
-    def make(**env: Any) -> Server:
-        srv = start_server(tmp_path, **{**E2E_DEMO, **env})
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop(signal.SIGKILL)
+    with server_factory(tmp_path, **E2E_DEMO) as make:
+        yield make

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.fake_openai import upstream  # noqa: F401  (a fixture, shared by several modules)
-from tests.harness import Server, start_server
+from tests.harness import Server, server_factory
 
 # A stream of the default demo answer lasts about a second and a half at this pace.
 FAST_DEMO = {"demo_first_token_delay": 0.05, "demo_tokens_per_second": 200}
@@ -17,24 +15,15 @@ FAST_DEMO = {"demo_first_token_delay": 0.05, "demo_tokens_per_second": 200}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server shared by a module's tests (each test uses its own identity)."""
-    srv = start_server(tmp_path_factory.mktemp("server"), **FAST_DEMO)
-    yield srv
-    srv.stop(signal.SIGKILL)
+    with server_factory(tmp_path_factory.mktemp("server"), **FAST_DEMO) as make:
+        yield make()
 
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start servers with settings of the test's own; all are killed at the end."""
-    started: list[Server] = []
-
-    def make(**env: Any) -> Server:
-        srv = start_server(tmp_path, **{**FAST_DEMO, **env})
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop(signal.SIGKILL)
+    with server_factory(tmp_path, **FAST_DEMO) as make:
+        yield make
 
 
 # A real redis-server for the Redis backends: `redis_url` (one per session), `redis_clean`

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,23 @@ def start_server(tmp: Path, **env: Any) -> Server:
         "TOKENWIRE_LOG_LEVEL": "warning",
     }
     full_env.update({f"TOKENWIRE_{k.upper()}": str(v) for k, v in env.items()})
-    log_path = tmp / f"server-{port}.log"
+    return _launch(port, full_env, tmp / f"server-{port}.log")
+
+
+def restart(old: Server) -> Server:
+    """Start a server like `old`, which must have exited: the same port (a page's origin),
+    database, secret (its identity cookie) and settings."""
+    if old.proc.poll() is None:
+        raise RuntimeError("the old server is still running: stop it first")
+    return _launch(old.port, old.env, old.log_path.with_name(old.log_path.stem + "-again.log"))
+
+
+def _launch(port: int, env: dict[str, str], log_path: Path) -> Server:
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backend"], cwd=ROOT, env=full_env, stdout=out, stderr=out
+            [sys.executable, "-m", "backend"], cwd=ROOT, env=env, stdout=out, stderr=out
         )
-    server = Server(proc, port, full_env, log_path)
+    server = Server(proc, port, env, log_path)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -97,6 +109,24 @@ def start_server(tmp: Path, **env: Any) -> Server:
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+@contextmanager
+def server_factory(tmp: Path, **defaults: Any) -> Iterator[Callable[..., Server]]:
+    """`make(**settings)` starts a server (with `defaults` under the test's settings);
+    every server it started is killed on exit."""
+    started: list[Server] = []
+
+    def make(**env: Any) -> Server:
+        server = start_server(tmp, **{**defaults, **env})
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop(signal.SIGKILL)
 
 
 def new_id() -> str:

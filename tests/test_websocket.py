@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.providers import demo_reply, demo_tokens
-from tests.harness import TIMEOUT, Client, Server, start_chat, wait_for
+from tests.conftest import FAST_DEMO
+from tests.harness import TIMEOUT, Client, Server, server_factory, start_chat, wait_for
 
 # ---- the protocol table -------------------------------------------------------------------
 
@@ -95,27 +97,9 @@ PROTOCOL_CASES: list[tuple[str, Any, dict[str, Any]]] = [
 
 
 @pytest.fixture(scope="module")
-def small_limits(make_module_server: Any) -> Server:
-    return make_module_server(max_frame_bytes=4096, max_text_chars=2000)
-
-
-@pytest.fixture(scope="module")
-def make_module_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import signal
-
-    from tests.conftest import FAST_DEMO
-    from tests.harness import start_server
-
-    started: list[Server] = []
-
-    def make(**env: Any) -> Server:
-        srv = start_server(tmp_path_factory.mktemp("srv"), **{**FAST_DEMO, **env})
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop(signal.SIGKILL)
+def small_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with server_factory(tmp_path_factory.mktemp("limits"), **FAST_DEMO) as make:
+        yield make(max_frame_bytes=4096, max_text_chars=2000)
 
 
 @pytest.mark.parametrize(
