@@ -34,6 +34,7 @@ from backend.leases import Leases, MemoryLeases, RedisLeases
 from backend.protocol import FrameError
 from backend.providers import DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
+from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from backend.security import BearerTokens, Identity, identity_middleware
 from backend.settings import Settings
 from backend.streams import MemoryStreamLog, StreamLog
@@ -76,6 +77,7 @@ class Runtime:
     history: History = field(init=False)
     provider: Provider = field(init=False)
     chat: ChatService = field(init=False)
+    limiter: RateLimiter = field(init=False)
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -91,12 +93,14 @@ class Runtime:
             self.history = RedisHistory(s.redis_url)
             registry = RedisRequestRegistry(s.redis_url)
             leases = RedisLeases(s.redis_url)
+            self.limiter = RedisRateLimiter(s.redis_url)
         else:
             self.broker = MemoryBroker()
             self.log = MemoryStreamLog(max_tokens=s.stream_max_tokens)
             self.history = await SqliteHistory.open(s.db)
             registry = MemoryRequestRegistry()
             leases = MemoryLeases()
+            self.limiter = MemoryRateLimiter()
         self.provider = make_provider(s)
         self.chat = ChatService(
             log=self.log,
@@ -105,6 +109,9 @@ class Runtime:
             provider=self.provider,
             registry=registry,
             leases=leases,
+            limiter=self.limiter,
+            chat_rate=s.chat_rate,
+            chat_burst=s.chat_burst,
             node=s.node,
             stream_ttl=s.stream_ttl,
             max_tokens=s.stream_max_tokens,
@@ -126,6 +133,7 @@ class Runtime:
             await self.history.aclose()
             await self.log.aclose()
             await leases.aclose()
+            await self.limiter.aclose()
             if isinstance(registry, RedisRequestRegistry):
                 await registry.aclose()
             await self.broker.aclose()

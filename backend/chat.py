@@ -34,6 +34,7 @@ from backend.protocol import (
     NOT_FOUND,
     OVERLOADED,
     PROVIDER_ERROR,
+    RATE_LIMITED,
     SHUTTING_DOWN,
     STREAM_EXPIRED,
     ChatTurn,
@@ -46,6 +47,7 @@ from backend.protocol import (
     error_frame,
 )
 from backend.providers.base import Finish, Provider, ProviderError
+from backend.ratelimit import RateLimiter, retry_after_rounded
 from backend.streams import StreamExpired, StreamLog, StreamSlice
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,9 @@ class ChatService:
         provider: Provider,
         registry: RequestRegistry,
         leases: Leases,
+        limiter: RateLimiter,
+        chat_rate: float,
+        chat_burst: float,
         node: str,
         stream_ttl: float,
         max_tokens: int,
@@ -122,6 +127,9 @@ class ChatService:
         self.provider = provider
         self.registry = registry
         self.leases = leases
+        self.limiter = limiter
+        self.chat_rate = chat_rate
+        self.chat_burst = chat_burst
         self.node = node
         self.stream_ttl = stream_ttl
         self.max_tokens = max_tokens
@@ -163,6 +171,19 @@ class ChatService:
     async def _start(
         self, user: str, id: str, conversation: str, text: str, origin: str
     ) -> Accepted:
+        # Only new chats count: a replay costs no generation. The check comes before the
+        # claim, so a refused chat leaves no claim behind and its retry is new again.
+        if not await self.registry.known(user, id):
+            wait = await self.limiter.take(f"chat:{user}", self.chat_rate, self.chat_burst)
+            if wait > 0:
+                raise ChatError(
+                    error_frame(
+                        RATE_LIMITED,
+                        "too many new chats; retry after `retry_after` seconds",
+                        id,
+                        retry_after=retry_after_rounded(wait),
+                    )
+                )
         claim = await self.registry.claim(user, id, fingerprint(conversation, text))
         if claim is Claim.CONFLICT:
             raise ChatError(_conflict(id))

@@ -32,6 +32,12 @@ DEFAULT_DEMO_TOKENS_PER_SECOND: Final = 40.0
 DEFAULT_DEMO_PARAGRAPHS: Final = 3
 DEFAULT_PROVIDER_TIMEOUT: Final = 60.0
 DEFAULT_CONTEXT_MESSAGES: Final = 20
+DEFAULT_CHAT_RATE: Final = 1.0  # new chats per second per user
+DEFAULT_CHAT_BURST: Final = 10.0
+DEFAULT_CONNECT_RATE: Final = 20.0  # connection attempts per second per client address
+DEFAULT_CONNECT_BURST: Final = 100.0
+DEFAULT_MAX_CONNECTIONS: Final = 10_000  # WebSocket connections per process
+DEFAULT_MAX_CONNECTIONS_PER_USER: Final = 20
 
 PROVIDERS: Final = ("demo", "openai")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -75,6 +81,12 @@ class Settings:
     openai_api_key: str | None = None
     openai_model: str = "gpt-4o-mini"
     provider_timeout: float = DEFAULT_PROVIDER_TIMEOUT
+    chat_rate: float = DEFAULT_CHAT_RATE
+    chat_burst: float = DEFAULT_CHAT_BURST
+    connect_rate: float = DEFAULT_CONNECT_RATE
+    connect_burst: float = DEFAULT_CONNECT_BURST
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -210,4 +222,11 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "demo_tokens_per_second": _number(float, 0.0, 1_000_000.0),
     "demo_paragraphs": _number(int, 0, 100_000),
     "provider_timeout": _number(float, 0.1, 3600.0),
+    # A burst below 1 would refuse everything; a rate of 0 would never refill.
+    "chat_rate": _number(float, 0.001, 1_000_000.0),
+    "chat_burst": _number(float, 1.0, 1_000_000.0),
+    "connect_rate": _number(float, 0.001, 1_000_000.0),
+    "connect_burst": _number(float, 1.0, 1_000_000.0),
+    "max_connections": _number(int, 1, 10_000_000),
+    "max_connections_per_user": _number(int, 1, 1_000_000),
 }

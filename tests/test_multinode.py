@@ -534,6 +534,9 @@ async def test_added_latency_of_the_redis_hop(
         "demo_tokens_per_second": 0,
         "demo_first_token_delay": 0,
         "demo_paragraphs": 0,  # a one-line answer: small chats
+        # 210 chats per user in a row: a benchmark, not a test of the per-user chat limit.
+        "chat_rate": 1000,
+        "chat_burst": 1000,
     }
     solo = make_server(secret=SECRET, node=node_name("solo"), **unpaced)
     r1 = start_node(make_server, redis_url, "r1", **unpaced)

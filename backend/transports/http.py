@@ -8,20 +8,22 @@ a script handles one shape. Exception text never reaches a client.
 from __future__ import annotations
 
 import logging
+import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from backend.chat import ChatError
+from backend.chat import STORAGE_ERRORS, ChatError
 from backend.hub import Hub
 from backend.protocol import (
     BAD_FRAME,
     HTTP_STATUS,
     ID_PATTERN,
     NOT_FOUND,
+    RATE_LIMITED,
     TOO_LARGE,
     UNAUTHORIZED,
     ErrorFrame,
@@ -30,6 +32,12 @@ from backend.protocol import (
     encode,
     error_frame,
 )
+from backend.ratelimit import retry_after_rounded
+
+if TYPE_CHECKING:
+    from litestar.types import Scope
+
+    from backend.app import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,9 @@ class ApiError(Exception):
 
 
 def error_response(frame: ErrorFrame, headers: dict[str, str] | None = None) -> Response[bytes]:
+    if frame.retry_after is not None:
+        # HTTP's Retry-After is whole seconds: round up, so retrying then passes.
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(frame.retry_after)))}
     return Response(
         encode(frame),
         status_code=HTTP_STATUS.get(frame.code, 500),
@@ -73,6 +84,34 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: Exception) -> Response
     message = "no such route" if status == 404 else str(exc.detail)  # type: ignore[attr-defined]
     frame = error_frame(code, message)
     return Response(encode(frame), status_code=status, media_type=MediaType.JSON)
+
+
+def client_address(scope: Scope) -> str:
+    """The caller's IP address (uvicorn has applied a trusted proxy's X-Forwarded-For)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+async def connect_refusal(runtime: Runtime, scope: Scope) -> ErrorFrame | None:
+    """`rate_limited` if the caller's address has used up its connection attempts (this
+    attempt counts), else None. For WebSocket upgrades and SSE responses alike."""
+    s = runtime.settings
+    try:
+        wait = await runtime.limiter.take(
+            f"connect:{client_address(scope)}", s.connect_rate, s.connect_burst
+        )
+    except STORAGE_ERRORS:
+        # Fail open: while Redis is away, an outage of the limiter must not also refuse
+        # every reconnecting client (the per-process caps still apply).
+        log.warning("rate limiter unavailable; admitting the connection", exc_info=True)
+        return None
+    if wait <= 0:
+        return None
+    return error_frame(
+        RATE_LIMITED,
+        "too many connection attempts; retry after `retry_after` seconds",
+        retry_after=retry_after_rounded(wait),
+    )
 
 
 def checked_id(value: str, field: str = "id") -> str:

@@ -35,7 +35,7 @@ from backend.protocol import (
     error_frame,
     frame_type,
 )
-from backend.transports.http import ApiError, checked_id, user_of
+from backend.transports.http import ApiError, checked_id, connect_refusal, user_of
 
 if TYPE_CHECKING:
     from backend.app import Runtime
@@ -100,6 +100,9 @@ class SseSession:
 @get("/api/streams/{stream_id:str}")
 async def stream_events(request: Request[Any, Any, Any], state: State, stream_id: str) -> ASGIApp:
     runtime: Runtime = state.runtime
+    refusal = await connect_refusal(runtime, request.scope)
+    if refusal is not None:
+        raise ApiError(refusal)
     user = user_of(request)
     after = _after(request)
     try:

@@ -42,6 +42,7 @@ from backend.protocol import (
     error_frame,
 )
 from backend.security import origin_allowed
+from backend.transports.http import connect_refusal
 
 if TYPE_CHECKING:
     from backend.app import Runtime
@@ -209,6 +210,30 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
         # Before accept, uvicorn answers the upgrade with 403.
         await socket.close(code=CLOSE_POLICY, reason="origin not allowed")
         return
-    await socket.accept()
     user: str = socket.scope["state"]["user"]
+    refusal = await admission_refusal(runtime, socket, user)
+    if refusal is not None:
+        # Before accept: uvicorn answers 403 and no open connection is touched.
+        await socket.close(code=CLOSE_POLICY, reason=refusal)
+        return
+    await socket.accept()
     await Connection(socket, runtime, user).run()
+
+
+async def admission_refusal(
+    runtime: Runtime, socket: WebSocket[Any, Any, Any], user: str
+) -> str | None:
+    """Why this upgrade is refused (the close reason), or None to accept it. Every attempt
+    counts against its address's connect bucket. The caps are checked before the upgrade
+    is accepted and a connection joins the hub after, so concurrent upgrades may overshoot
+    a cap by the few being accepted at that moment."""
+    if await connect_refusal(runtime, socket.scope) is not None:
+        return "too many connection attempts; retry later"
+    s = runtime.settings
+    live = runtime.hub.websockets
+    if len(live) >= s.max_connections:
+        return "server is at its connection limit; retry later"
+    mine = sum(1 for c in live if isinstance(c, Connection) and c.user == user)
+    if mine >= s.max_connections_per_user:
+        return "too many connections for this user; close one"
+    return None
