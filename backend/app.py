@@ -31,6 +31,7 @@ from backend.hub import Hub
 from backend.idempotency import MemoryRequestRegistry, RequestRegistry
 from backend.idempotency_redis import RedisRequestRegistry
 from backend.leases import Leases, MemoryLeases, RedisLeases
+from backend.metrics import Metrics
 from backend.protocol import FrameError
 from backend.providers import DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
@@ -56,14 +57,6 @@ from backend.transports.websocket import ws_endpoint
 log = logging.getLogger(__name__)
 
 FRONTEND_DIR: Final = Path(__file__).resolve().parent.parent / "frontend"
-
-
-@dataclass
-class Metrics:
-    """Counters since start; gauges are read from the parts when scraped."""
-
-    slow_consumer_closes: int = 0
-    heartbeat_timeouts: int = 0
 
 
 @dataclass(eq=False)
@@ -117,6 +110,7 @@ class Runtime:
             max_tokens=s.stream_max_tokens,
             context_messages=s.context_messages,
             lease_ttl=s.lease_seconds,
+            metrics=self.metrics,
         )
         await self.chat.open()
         if not NODE_MODULES.is_dir():

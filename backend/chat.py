@@ -29,6 +29,7 @@ from backend.broker import (
 from backend.history.base import History
 from backend.idempotency import Claim, RequestRegistry, fingerprint
 from backend.leases import Leases
+from backend.metrics import Metrics
 from backend.protocol import (
     CONFLICT,
     NOT_FOUND,
@@ -120,6 +121,7 @@ class ChatService:
         max_tokens: int,
         context_messages: int,
         lease_ttl: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.log = log
         self.broker = broker
@@ -135,6 +137,7 @@ class ChatService:
         self.max_tokens = max_tokens
         self.context_messages = context_messages
         self.lease_ttl = lease_ttl
+        self.metrics = metrics if metrics is not None else Metrics()
         self._running: dict[str, _Generation] = {}
         self._closing = False
         self._renewer: asyncio.Task[None] | None = None
