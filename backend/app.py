@@ -33,7 +33,7 @@ from backend.idempotency_redis import RedisRequestRegistry
 from backend.leases import Leases, MemoryLeases, RedisLeases
 from backend.metrics import Metrics
 from backend.protocol import FrameError
-from backend.providers import DemoProvider, OpenAIProvider
+from backend.providers import ClockProvider, DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
 from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from backend.security import BearerTokens, Identity, identity_middleware
@@ -145,7 +145,8 @@ def make_provider(s: Settings) -> Provider:
             model=s.openai_model,
             timeout=s.provider_timeout,
         )
-    return DemoProvider(
+    paced = ClockProvider if s.provider == "clock" else DemoProvider
+    return paced(
         first_token_delay=s.demo_first_token_delay,
         tokens_per_second=s.demo_tokens_per_second,
         paragraphs=s.demo_paragraphs,

@@ -39,7 +39,7 @@ DEFAULT_CONNECT_BURST: Final = 100.0
 DEFAULT_MAX_CONNECTIONS: Final = 10_000  # WebSocket connections per process
 DEFAULT_MAX_CONNECTIONS_PER_USER: Final = 20
 
-PROVIDERS: Final = ("demo", "openai")
+PROVIDERS: Final = ("demo", "openai", "clock")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 

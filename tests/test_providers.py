@@ -7,16 +7,19 @@ import asyncio
 import itertools
 import re
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 import httpx
 import pytest
 
+from backend.app import make_provider
 from backend.protocol import ChatTurn
 from backend.providers import (
     DEFAULT_PARAGRAPHS,
+    ClockProvider,
     DemoProvider,
     Finish,
     OpenAIProvider,
@@ -26,7 +29,9 @@ from backend.providers import (
 )
 from backend.providers.demo import MAX_PARAGRAPHS
 from backend.providers.openai import SSEParser
+from backend.settings import Settings
 from tests.fake_openai import API_KEY, FakeOpenAI
+from tests.harness import Client, Server, start_chat
 
 TIMEOUT = 10.0
 
@@ -220,6 +225,94 @@ def test_demo_provider_defaults() -> None:
     provider = DemoProvider()
     assert provider.name == "demo"
     assert provider.paragraphs == DEFAULT_PARAGRAPHS
+
+
+# ---- ClockProvider ---------------------------------------------------------------------------
+
+CLOCK_TOKEN = re.compile(r"^[1-9][0-9]{15} $")
+
+
+def clock_times(items: list[str | Finish]) -> list[int]:
+    """The production times (µs since the epoch) of the clock tokens in `items`."""
+    tokens = [item for item in items if isinstance(item, str)]
+    assert all(CLOCK_TOKEN.match(token) for token in tokens), tokens[:3]
+    return [int(token) for token in tokens]
+
+
+@pytest.mark.parametrize("paragraphs", [0, 1, 3], ids=lambda n: f"paragraphs={n}")
+async def test_clock_provider_yields_production_times(paragraphs: int) -> None:
+    provider = ClockProvider(first_token_delay=0, tokens_per_second=0, paragraphs=paragraphs)
+    before = time.time_ns() // 1000
+    items = await collect(provider.stream(user("what time is it")))
+    after = time.time_ns() // 1000
+    assert items[-1] == Finish("stop")
+    times = clock_times(items[:-1])
+    # As many tokens as the demo model's answer to the same prompt, in production order.
+    assert len(times) == len(demo_tokens("what time is it", paragraphs))
+    assert times == sorted(times)
+    assert before <= times[0] and times[-1] <= after
+
+
+async def test_clock_provider_reads_the_clock_when_each_token_is_due() -> None:
+    provider = ClockProvider(first_token_delay=0.05, tokens_per_second=100, paragraphs=0)
+    start = time.time_ns() // 1000
+    items = await collect(provider.stream(user("pace")))
+    times = clock_times(items[:-1])
+    # Token i is due 50 ms + i * 10 ms after the start: its time is never earlier than that
+    # (a slow machine may make it later), so the clock is read after the wait, not before.
+    assert len(times) >= 2
+    for index, produced in enumerate(times):
+        assert produced - start >= 50_000 + index * 10_000 - 1_000
+
+
+async def test_clock_provider_ignores_fail_prompts() -> None:
+    # `/fail` is the demo model's test hook; the clock model measures, it never fails.
+    provider = ClockProvider(first_token_delay=0, tokens_per_second=0, paragraphs=0)
+    items = await collect(provider.stream(user("/fail")))
+    assert items[-1] == Finish("stop")
+    assert len(clock_times(items[:-1])) == len(demo_tokens("/fail", 0))
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind"),
+    [("demo", DemoProvider), ("clock", ClockProvider), ("openai", OpenAIProvider)],
+    ids=["demo", "clock", "openai"],
+)
+def test_make_provider_chooses_by_setting(provider: str, kind: type) -> None:
+    settings = Settings.from_env(
+        {
+            "TOKENWIRE_PROVIDER": provider,
+            "TOKENWIRE_DEMO_TOKENS_PER_SECOND": "123",
+            "TOKENWIRE_DEMO_PARAGRAPHS": "4",
+        }
+    )
+    made = make_provider(settings)
+    assert type(made) is kind
+    assert made.name == provider
+    if isinstance(made, DemoProvider):
+        assert (made.tokens_per_second, made.paragraphs) == (123.0, 4)
+
+
+async def test_clock_provider_through_the_server(make_server: Callable[..., Server]) -> None:
+    server = make_server(
+        provider="clock",
+        demo_first_token_delay="0",
+        demo_tokens_per_second="500",
+        demo_paragraphs="1",
+    )
+    client = await Client.connect(server)
+    try:
+        stream, _ = await start_chat(client, "clock")
+        view = await client.until_end(stream)
+        received = time.time_ns() // 1000
+    finally:
+        await client.close()
+    assert view.end is not None and view.end["reason"] == "stop"
+    assert (view.duplicates, view.gaps) == (0, 0)
+    times = [int(word) for word in view.text.split(" ") if word]
+    assert view.text == "".join(f"{t} " for t in times)
+    assert len(times) == len(demo_tokens("clock", 1))
+    assert times == sorted(times) and times[-1] <= received
 
 
 # ---- SSEParser -------------------------------------------------------------------------------

@@ -326,13 +326,21 @@ class DemoProvider(Provider):
         fail = prompt.startswith(FAIL_PREFIX)
         if fail:
             tokens = tokens[:FAIL_AFTER_TOKENS]
+        async for index in self.paced(len(tokens)):
+            yield tokens[index]
+        if fail:
+            raise ProviderError(FAIL_MESSAGE)
+        yield Finish("stop")
+
+    async def paced(self, count: int) -> AsyncIterator[int]:
+        """Yields 0 .. count - 1, each at its due time (`first_token_delay`, then the pace)."""
         loop = asyncio.get_running_loop()
         start = loop.time() + self.first_token_delay
         interval = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
         # The first token is due at `start` even without pacing.
         await asyncio.sleep(self.first_token_delay)
         unslept = 0
-        for index, token in enumerate(tokens):
+        for index in range(count):
             # Due times count from `start`, not from the previous token, so time spent in the
             # consumer or the event loop never accumulates as drift; when behind, the loop
             # yields the overdue tokens back to back.
@@ -344,7 +352,4 @@ class DemoProvider(Provider):
                 await asyncio.sleep(0)
                 unslept = 0
             unslept += 1
-            yield token
-        if fail:
-            raise ProviderError(FAIL_MESSAGE)
-        yield Finish("stop")
+            yield index
