@@ -8,7 +8,6 @@ them itself, then shuts down as usual within TOKENWIRE_SHUTDOWN_TIMEOUT.
 
 from __future__ import annotations
 
-import logging
 import math
 import socket
 import sys
@@ -16,6 +15,7 @@ import sys
 import uvicorn
 
 from backend.app import Runtime, create_app
+from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
 
 
@@ -57,10 +57,7 @@ def main() -> int:
     except SettingsError as exc:
         print(f"tokenwire: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     try:
         sock = listen_socket(settings)
     except SettingsError as exc:
@@ -72,6 +69,8 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's loggers (its access log too) go through `backend.logs`' handler.
+        log_config=None,
         ws="websockets-sansio",
         # The app has its own heartbeat (PROTOCOL.md); uvicorn's would be a second one.
         ws_ping_interval=None,

@@ -7,6 +7,7 @@ every WebSocket with 1001 before uvicorn's own shutdown would close them with 10
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +32,8 @@ from backend.hub import Hub
 from backend.idempotency import MemoryRequestRegistry, RequestRegistry
 from backend.idempotency_redis import RedisRequestRegistry
 from backend.leases import Leases, MemoryLeases, RedisLeases
-from backend.metrics import Metrics
+from backend.logs import request_id_middleware, user_context_middleware
+from backend.metrics import Metrics, Sample, process_samples, render
 from backend.protocol import FrameError
 from backend.providers import ClockProvider, DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
@@ -155,44 +157,37 @@ def make_provider(s: Settings) -> Provider:
 
 @get("/metrics", media_type=MediaType.TEXT, sync_to_thread=False)
 def metrics(state: State) -> Response[str]:
-    """Prometheus text format."""
+    """Prometheus text format: the process's counters, and gauges read now."""
     r: Runtime = state.runtime
-    values = [
-        ("tokenwire_connections", "gauge", "Open WebSocket connections", len(r.hub.websockets)),
-        ("tokenwire_sse_responses", "gauge", "Open SSE responses", len(r.hub.sse)),
-        ("tokenwire_streams_active", "gauge", "Generations running", r.chat.active_streams),
-        ("tokenwire_stream_logs", "gauge", "Stream logs held", len(r.log)),
-        ("tokenwire_subscriptions", "gauge", "Broker listeners", r.broker.subscriptions()),
-        (
+    samples = [
+        Sample(
+            "tokenwire_connections", "gauge", "Open WebSocket connections", len(r.hub.websockets)
+        ),
+        Sample("tokenwire_sse_responses", "gauge", "Open SSE responses", len(r.hub.sse)),
+        Sample("tokenwire_streams_active", "gauge", "Generations running", r.chat.active_streams),
+        Sample("tokenwire_stream_logs", "gauge", "Stream logs held", len(r.log)),
+        Sample("tokenwire_subscriptions", "gauge", "Broker listeners", r.broker.subscriptions()),
+        Sample("tokenwire_broker_healthy", "gauge", "1 if fan-out works", int(r.broker.healthy)),
+        Sample(
+            "tokenwire_tasks", "gauge", "asyncio tasks alive (leak check)", len(asyncio.all_tasks())
+        ),
+        Sample(
             "tokenwire_generations_total",
             "counter",
             "Generations started",
             r.chat.generations_started,
         ),
-        (
+        Sample(
             "tokenwire_producers_lost_total",
             "counter",
             "Streams ended for their readers because their node died",
             r.chat.producers_lost,
         ),
-        ("tokenwire_broker_healthy", "gauge", "1 if fan-out works", int(r.broker.healthy)),
-        (
-            "tokenwire_slow_consumer_closes_total",
-            "counter",
-            "Connections closed with 4001",
-            r.metrics.slow_consumer_closes,
-        ),
-        (
-            "tokenwire_heartbeat_timeouts_total",
-            "counter",
-            "Connections closed with 4000",
-            r.metrics.heartbeat_timeouts,
-        ),
+        *process_samples(),
     ]
-    lines = []
-    for name, kind, help_text, value in values:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(
+        render(r.metrics, samples), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -228,7 +223,12 @@ def create_app(settings: Settings) -> Litestar:
             exclude=["/vendor", "/api/streams"],
         ),
         middleware=[
-            identity_middleware(identity, settings.cookie_secure, BearerTokens(settings.api_tokens))
+            # Outermost first: every response, refusals included, carries its request id.
+            request_id_middleware,
+            identity_middleware(
+                identity, settings.cookie_secure, BearerTokens(settings.api_tokens)
+            ),
+            user_context_middleware,
         ],
         lifespan=[lambda app: runtime.lifespan()],
         state=State({"runtime": runtime, "vendor_files": VendorFiles()}),

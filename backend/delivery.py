@@ -156,6 +156,7 @@ class Delivery:
     async def _fill(self, stream: str) -> None:
         """Copy the stream from the log into the outbox until caught up with live frames.
         Reads wait while the outbox is half full, so catching up never overflows it."""
+        start = self.outbox.last_seq(stream)  # > 0: a client catching up from the log
         try:
             while True:
                 while not self.outbox.has_room_for_fill:
@@ -171,6 +172,7 @@ class Delivery:
                 self._after_queue()
                 caught_up = piece.end is not None or len(piece.tokens) < DEFAULT_READ_LIMIT
                 if caught_up and self.outbox.finish_fill(stream):
+                    self.chat.metrics.resumes_recovered += start > 0
                     return
         except ChatError as exc:
             # Retryable (storage down for a moment): the watch reads again later.
@@ -180,6 +182,7 @@ class Delivery:
                     # This client was shown the stream, so it existed: its log and records
                     # were lost (Redis restarted empty). Say so, not "not yours".
                     frame = error_frame(STREAM_EXPIRED, EXPIRED_MESSAGE, stream)
+                self.chat.metrics.resumes_expired += frame.code == STREAM_EXPIRED
                 self.outbox.abandon(stream, frame)
                 self._after_queue()
         finally:

@@ -41,6 +41,7 @@ DEFAULT_MAX_CONNECTIONS_PER_USER: Final = 20
 
 PROVIDERS: Final = ("demo", "openai", "clock")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -57,6 +58,7 @@ class Settings:
     secret: str | None = None
     node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
+    log_format: str = "text"
     allowed_origins: tuple[str, ...] = ()
     cookie_secure: bool = False
     heartbeat: float = DEFAULT_HEARTBEAT
@@ -201,6 +203,7 @@ _DAY = 86_400.0
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "port": _number(int, 0, 65535),
     "log_level": _choice(LOG_LEVELS),
+    "log_format": _choice(LOG_FORMATS),
     "allowed_origins": _origins,
     "cookie_secure": _bool,
     "heartbeat": _number(float, 0.05, 3600.0),

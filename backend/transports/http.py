@@ -18,6 +18,7 @@ from litestar.exceptions import HTTPException
 
 from backend.chat import STORAGE_ERRORS, ChatError
 from backend.hub import Hub
+from backend.logs import bind
 from backend.protocol import (
     BAD_FRAME,
     HTTP_STATUS,
@@ -154,9 +155,12 @@ async def post_chat(request: Request[Any, Any, Any], state: State) -> Response[d
     s = runtime.settings
     body = await read_body(request, s.max_frame_bytes)
     chat = decode_chat_request(body, max_bytes=s.max_frame_bytes, max_text=s.max_text_chars)
+    bind(stream=chat.id)  # log lines (and the generation's) name it
     accepted = await runtime.chat.start(
         user_of(request), chat.id, chat.conversation, chat.text, origin="http"
     )
+    if not accepted.new:
+        runtime.metrics.replays += 1
     return Response(
         {
             "id": chat.id,

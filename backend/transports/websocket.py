@@ -23,6 +23,7 @@ from litestar.types import WebSocketSendEvent
 
 from backend.chat import ChatError
 from backend.delivery import Delivery
+from backend.logs import bind
 from backend.protocol import (
     BAD_FRAME,
     CLOSE_GOING_AWAY,
@@ -79,6 +80,7 @@ class Connection:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        bind(conn=self.name)  # every log line of this connection's tasks names it
         hub = self.runtime.hub
         hub.websockets.add(self)
         try:
@@ -161,11 +163,14 @@ class Connection:
         except FrameError as exc:
             self.delivery.push(exc.frame)
             return
+        bind(stream=getattr(frame, "id", None))  # log lines (and a generation's) name it
         try:
             if isinstance(frame, ChatFrame):
                 accepted = await self.chat.start(
                     self.user, frame.id, frame.conversation, frame.text, origin=self.name
                 )
+                if not accepted.new:
+                    self.runtime.metrics.replays += 1
                 self.delivery.deliver(
                     frame.id,
                     0 if accepted.new else frame.after,
