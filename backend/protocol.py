@@ -17,7 +17,11 @@ PROTOCOL_VERSION: Final = 1
 ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}\Z"  # \Z: `$` would admit a final newline
 Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 _ID_RE: Final = re.compile(ID_PATTERN)
-Seq = Annotated[int, msgspec.Meta(ge=0)]
+# A seq a client sends is at most JavaScript's largest exact integer: a browser cannot name a
+# larger one, and a bound keeps every stream log's arithmetic (Redis stream ids are 64-bit)
+# in range.
+MAX_SEQ: Final = 2**53 - 1
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 
 
 # Error codes (PROTOCOL.md, "Error codes").
@@ -231,7 +235,7 @@ def _frame_id(data: bytes | str) -> str | None:
     """The request id of a rejected frame, when it has a valid one, so the error names it."""
     try:
         raw = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError):
         return None
     value = raw.get("id") if isinstance(raw, dict) else None
     return value if isinstance(value, str) and _ID_RE.fullmatch(value) else None
@@ -257,7 +261,11 @@ def decode_chat_request(data: bytes, *, max_bytes: int, max_text: int) -> ChatRe
 
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, max_bytes: int) -> Any:
     # A str counts its UTF-8 bytes, but is only encoded when it could be over the limit.
-    size = len(data.encode()) if isinstance(data, str) and len(data) * 4 > max_bytes else len(data)
+    # surrogatepass: a lone surrogate is counted here and refused by the decoder below.
+    if isinstance(data, str) and len(data) * 4 > max_bytes:
+        size = len(data.encode("utf-8", "surrogatepass"))
+    else:
+        size = len(data)
     if size > max_bytes:
         raise FrameError(
             error_frame(TOO_LARGE, f"frame is larger than the limit of {max_bytes} bytes")
@@ -268,6 +276,10 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, max_bytes: in
         raise FrameError(error_frame(BAD_FRAME, _describe(exc), _frame_id(data))) from None
     except msgspec.DecodeError:
         raise FrameError(error_frame(BAD_FRAME, "frame is not a JSON object")) from None
+    except UnicodeError:
+        # msgspec raises these, not DecodeError, for a string that is not UTF-8: bytes that
+        # do not decode (an HTTP body can hold any), or a str with a lone surrogate.
+        raise FrameError(error_frame(BAD_FRAME, "frame is not UTF-8 text")) from None
 
 
 def _check_text(id: str, text: str, max_text: int) -> None:

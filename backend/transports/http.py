@@ -132,7 +132,7 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     """The request body, refused with `too_large` as soon as it exceeds `limit`: from its
     Content-Length before reading anything, or while reading a chunked one."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(_too_large(limit))
     body = bytearray()
     async for chunk in request.stream():

@@ -28,8 +28,10 @@ from backend.chat import ChatError
 from backend.delivery import Delivery
 from backend.protocol import (
     BAD_FRAME,
+    MAX_SEQ,
     DoneFrame,
     ErrorFrame,
+    ServerFrame,
     TokenFrame,
     encode_text,
     error_frame,
@@ -52,10 +54,20 @@ def _after(request: Request[Any, Any, Any]) -> int:
     ):
         if raw is None or raw == "":
             continue
-        if not raw.isdigit() or len(raw) > 18:
-            raise ApiError(error_frame(BAD_FRAME, f"`{field}` must be a seq: an integer >= 0"))
+        # isascii: str.isdigit() also admits digits int() refuses, such as "²". The length
+        # check keeps int() from parsing a huge number before it is compared.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or int(raw) > MAX_SEQ:
+            raise ApiError(
+                error_frame(BAD_FRAME, f"`{field}` must be a seq: an integer from 0 to {MAX_SEQ}")
+            )
         return int(raw)
     return 0
+
+
+def frame_event(frame: ServerFrame) -> ServerSentEvent:
+    """One frame as an SSE event: `event:` its type, `data:` its JSON, `id:` its seq."""
+    seq = str(frame.seq) if isinstance(frame, TokenFrame | DoneFrame) else None
+    return ServerSentEvent(data=encode_text(frame), event=frame_type(frame), id=seq)
 
 
 class SseSession:
@@ -88,8 +100,7 @@ class SseSession:
             async with self.delivery:
                 self.delivery.deliver(self.stream, after)
                 while (frame := await self.delivery.next_frame()) is not None:
-                    seq = str(frame.seq) if isinstance(frame, TokenFrame | DoneFrame) else None
-                    yield ServerSentEvent(data=encode_text(frame), event=frame_type(frame), id=seq)
+                    yield frame_event(frame)
                     if isinstance(frame, DoneFrame | ErrorFrame):
                         return
         finally:
