@@ -161,6 +161,7 @@ async def post_chat(request: Request[Any, Any, Any], state: State) -> Response[d
     )
     if not accepted.new:
         runtime.metrics.replays += 1
+    log.info("chat %s", "started" if accepted.new else "replayed")
     return Response(
         {
             "id": chat.id,

@@ -171,6 +171,7 @@ class Connection:
                 )
                 if not accepted.new:
                     self.runtime.metrics.replays += 1
+                log.info("chat %s", "started" if accepted.new else "replayed")
                 self.delivery.deliver(
                     frame.id,
                     0 if accepted.new else frame.after,
