@@ -1,22 +1,32 @@
 """`python -m backend`: serve tokenwire with uvicorn, configured from the environment.
 
-Used by `make run` and the Procfile. It runs uvicorn programmatically for one reason:
-on SIGTERM, uvicorn closes open WebSockets with 1012 before the app hears of it, but
-PROTOCOL.md promises 1001 ("reconnect at once"), so the server first lets the app close
-them itself, then shuts down as usual within TOKENWIRE_SHUTDOWN_TIMEOUT.
+Used by `make run` and the Procfile. It runs uvicorn programmatically for the shutdown: on
+SIGTERM, uvicorn would close open WebSockets with 1012 before the app hears of it, but
+PROTOCOL.md promises 1001 ("reconnect at once"), and running answers should finish rather
+than be cut. So the server drains first, within TOKENWIRE_SHUTDOWN_TIMEOUT: it stops
+accepting connections, closes idle keep-alive HTTP connections, lets the app tell its
+clients 1001 and finish its generations (`Runtime.drain`), and only then runs uvicorn's own
+shutdown, bounded by what is left of the grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 import sys
+from typing import Final
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from backend.app import Runtime, create_app
 from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
+
+# uvicorn's own shutdown after the drain waits at least this long for connections that are
+# closing at that moment (a close frame in flight), even if the grace period is spent.
+MIN_FINAL_WAIT: Final = 1
 
 
 class TokenwireServer(uvicorn.Server):
@@ -25,7 +35,23 @@ class TokenwireServer(uvicorn.Server):
         self.runtime = runtime
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self.runtime.drain()
+        loop = asyncio.get_running_loop()
+        grace = self.runtime.settings.shutdown_timeout
+        deadline = loop.time() + grace
+        # Stop accepting first: a client told to go away must land on another node (or
+        # find this one gone), never back here. Idle keep-alive connections close too; a
+        # response in progress (an SSE stream) closes its connection when it ends.
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            if not isinstance(connection, WebSocketsSansIOProtocol):
+                connection.shutdown()
+        await self.runtime.drain(grace)
+        self.config.timeout_graceful_shutdown = max(
+            MIN_FINAL_WAIT, math.ceil(deadline - loop.time())
+        )
         await super().shutdown(sockets)
 
 
@@ -71,7 +97,7 @@ def main() -> int:
         log_level=settings.log_level,
         # uvicorn's loggers (its access log too) go through `backend.logs`' handler.
         log_config=None,
-        ws="websockets-sansio",
+        ws="websockets-sansio",  # WebSocketsSansIOProtocol: see `TokenwireServer.shutdown`
         # The app has its own heartbeat (PROTOCOL.md); uvicorn's would be a second one.
         ws_ping_interval=None,
         ws_ping_timeout=None,

@@ -24,7 +24,7 @@ from litestar.static_files import create_static_files_router
 from backend.assets import NODE_MODULES, VendorFiles, pyscript_config_route, vendor_file
 from backend.broker import Broker, MemoryBroker
 from backend.broker.redis import RedisBroker
-from backend.chat import ChatError, ChatService
+from backend.chat import ChatError, ChatService, Drained
 from backend.history import SqliteHistory
 from backend.history.base import History
 from backend.history.redis import RedisHistory
@@ -37,7 +37,7 @@ from backend.metrics import Metrics, Sample, process_samples, render
 from backend.protocol import FrameError
 from backend.providers import ClockProvider, DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
-from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, TokenQuota
 from backend.security import BearerTokens, Identity, identity_middleware
 from backend.settings import Settings
 from backend.streams import MemoryStreamLog, StreamLog
@@ -113,6 +113,11 @@ class Runtime:
             context_messages=s.context_messages,
             lease_ttl=s.lease_seconds,
             metrics=self.metrics,
+            quota=(
+                TokenQuota(self.limiter, s.token_quota, s.token_quota_window)
+                if s.token_quota > 0
+                else None
+            ),
         )
         await self.chat.open()
         if not NODE_MODULES.is_dir():
@@ -134,9 +139,34 @@ class Runtime:
                 await registry.aclose()
             await self.broker.aclose()
 
-    async def drain(self) -> None:
-        """Shutdown, step one: every WebSocket client is told 1001 (reconnect at once)."""
-        await self.hub.close_all(1001, "server going away", timeout=self.settings.shutdown_timeout)
+    async def drain(self, grace: float) -> Drained:
+        """Shutdown, the graceful part, once the server has stopped accepting connections:
+        new chats are refused (`shutting_down`, retryable), every WebSocket client is told
+        1001 (reconnect at once: with Redis, to another node, where it resumes) and every
+        SSE response ends (its EventSource reconnects); then the running generations may
+        finish into the log, published live to wherever their readers went, until `grace`
+        seconds after the drain began. Those still running then are stopped: their answers
+        so far are saved as incomplete and their readers get `shutting_down`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.chat.refuse_new_chats()
+        told = len(self.hub.websockets) + len(self.hub.sse)
+        log.info(
+            "draining: %d clients told to go away, %d generations may finish within %g s",
+            told,
+            self.chat.active_streams,
+            grace,
+        )
+        await self.hub.close_all(1001, "server going away", timeout=grace)
+        drained = await self.chat.drain(timeout=max(0.0, deadline - loop.time()))
+        log.info(
+            "drained in %.1f s: generations: %d finished, %d stopped at the end of the grace "
+            "period (saved as incomplete)",
+            grace - max(0.0, deadline - loop.time()),
+            drained.finished,
+            drained.stopped,
+        )
+        return drained
 
 
 def make_provider(s: Settings) -> Provider:

@@ -48,7 +48,7 @@ from backend.protocol import (
     error_frame,
 )
 from backend.providers.base import Finish, Provider, ProviderError
-from backend.ratelimit import RateLimiter, retry_after_rounded
+from backend.ratelimit import RateLimiter, TokenQuota, retry_after_rounded
 from backend.streams import StreamExpired, StreamLog, StreamSlice
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ class ChatError(Exception):
     def __init__(self, frame: ErrorFrame) -> None:
         super().__init__(frame.message)
         self.frame = frame
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What a drain did: generations that ended by themselves within the grace period,
+    and those still running at its end, stopped."""
+
+    finished: int
+    stopped: int
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,7 @@ class ChatService:
         context_messages: int,
         lease_ttl: float,
         metrics: Metrics | None = None,
+        quota: TokenQuota | None = None,
     ) -> None:
         self.log = log
         self.broker = broker
@@ -138,7 +148,11 @@ class ChatService:
         self.context_messages = context_messages
         self.lease_ttl = lease_ttl
         self.metrics = metrics if metrics is not None else Metrics()
+        self.quota = quota
         self._running: dict[str, _Generation] = {}
+        # Every generation task until it has returned, its end recorded (`_running` forgets
+        # a generation before its end is saved); drain and close wait for these.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._renewer: asyncio.Task[None] | None = None
         self._node_subscription: Subscription | None = None
@@ -174,19 +188,15 @@ class ChatService:
     async def _start(
         self, user: str, id: str, conversation: str, text: str, origin: str
     ) -> Accepted:
-        # Only new chats count: a replay costs no generation. The check comes before the
-        # claim, so a refused chat leaves no claim behind and its retry is new again.
+        # Only new chats count: a replay costs no generation. The checks come before the
+        # claim, so a refused chat leaves no claim behind and its retry is new again. The
+        # quota first: it takes nothing, so a chat it refuses costs no chat-rate token.
         if not await self.registry.known(user, id):
+            if self.quota is not None and (wait := await self.quota.wait(user)) > 0:
+                raise self._rate_limited(id, "token quota used up", wait)
             wait = await self.limiter.take(f"chat:{user}", self.chat_rate, self.chat_burst)
             if wait > 0:
-                raise ChatError(
-                    error_frame(
-                        RATE_LIMITED,
-                        "too many new chats; retry after `retry_after` seconds",
-                        id,
-                        retry_after=retry_after_rounded(wait),
-                    )
-                )
+                raise self._rate_limited(id, "too many new chats", wait)
         claim = await self.registry.claim(user, id, fingerprint(conversation, text))
         if claim is Claim.CONFLICT:
             raise ChatError(_conflict(id))
@@ -207,6 +217,8 @@ class ChatService:
         self._running[key] = gen
         self.generations_started += 1
         gen.task = asyncio.create_task(self._generate(gen, text), name=f"generate {id}")
+        self._tasks.add(gen.task)
+        gen.task.add_done_callback(self._tasks.discard)
         await self.broker.publish(
             user_channel(user),
             UserMessage(
@@ -214,6 +226,17 @@ class ChatService:
             ),
         )
         return Accepted(id, conversation, new=True)
+
+    def _rate_limited(self, id: str, why: str, wait: float) -> ChatError:
+        self.metrics.rate_limited += 1
+        return ChatError(
+            error_frame(
+                RATE_LIMITED,
+                f"{why}; retry after `retry_after` seconds",
+                id,
+                retry_after=retry_after_rounded(wait),
+            )
+        )
 
     async def read_after(self, user: str, id: str, after: int, limit: int) -> StreamSlice:
         """Tokens of the user's stream `id` after `after`; `ChatError` with `not_found` for
@@ -282,18 +305,43 @@ class ChatService:
         except (StreamExpired, *STORAGE_ERRORS):
             return
 
+    def refuse_new_chats(self) -> None:
+        """From now on, a new chat is answered `shutting_down` (retryable: elsewhere)."""
+        self._closing = True
+
+    async def drain(self, timeout: float) -> Drained:
+        """Shutdown, the graceful part: refuse new chats (`shutting_down`, retryable) and
+        let the running generations finish into the log for up to `timeout` seconds; those
+        still running then are stopped as by `aclose`. Leases, cancels from other nodes and
+        publishing all keep working meanwhile: readers on other nodes see no difference."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        started = self.generations_started - len(self._running)
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            # A chat accepted just before `_closing` may add a task meanwhile: loop.
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        stopped = await self._stop_all()
+        return Drained(finished=self.generations_started - started - stopped, stopped=stopped)
+
     async def aclose(self) -> None:
         """Stop every generation (the answers so far are saved as incomplete) and wait."""
         self._closing = True
-        tasks = [g.task for g in self._running.values() if g.task is not None]
-        for gen in self._running.values():
-            _stop(gen, "shutdown")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_all()
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
         if self._node_subscription is not None:
             await self._node_subscription.close()
+
+    async def _stop_all(self) -> int:
+        """Stop every running generation and wait until each has recorded its end; how many
+        were stopped."""
+        running = list(self._running.values())
+        for gen in running:
+            _stop(gen, "shutdown")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return len(running)
 
     async def _renew_leases(self) -> None:
         """Renew every running generation's lease three times per lease period. A lease
@@ -359,11 +407,14 @@ class ChatService:
         key = stream_key(gen.user, gen.id)
         complete = isinstance(end, DoneFrame) and end.reason != "cancelled"
         # History first: a client that sees the end and then reads history finds the answer.
-        # Each step is tried even if one before failed (storage down): what can be kept is.
+        # The quota is charged before the end is published, so a next chat sent on seeing
+        # it finds the charge. Each step is tried even if one before failed (storage down):
+        # what can be kept is.
         steps = (
             self.history.save_assistant_message(
                 gen.user, gen.conversation, gen.id, "".join(gen.parts), complete
             ),
+            self._charge(gen),
             self.log.finish(key, end, self.stream_ttl),
             self.broker.publish(
                 user_channel(gen.user), StreamEnded(id=gen.id, seq=gen.seq, frame=end)
@@ -375,6 +426,11 @@ class ChatService:
                 await step
             except Exception:
                 log.warning("could not record the end of %s", gen.id, exc_info=True)
+
+    async def _charge(self, gen: _Generation) -> None:
+        # `seq` is the number of tokens in the log: what was generated, however it ended.
+        if self.quota is not None:
+            await self.quota.charge(gen.user, gen.seq)
 
     async def _context(self, user: str, conversation: str, id: str, text: str) -> list[ChatTurn]:
         turns: list[ChatTurn] = []

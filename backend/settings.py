@@ -38,6 +38,10 @@ DEFAULT_CONNECT_RATE: Final = 20.0  # connection attempts per second per client 
 DEFAULT_CONNECT_BURST: Final = 100.0
 DEFAULT_MAX_CONNECTIONS: Final = 10_000  # WebSocket connections per process
 DEFAULT_MAX_CONNECTIONS_PER_USER: Final = 20
+# Tokens generated per user per window (0: no quota): about 800 answers of the demo
+# model's length an hour, far above what one person reads, far below a script's flood.
+DEFAULT_TOKEN_QUOTA: Final = 200_000
+DEFAULT_TOKEN_QUOTA_WINDOW: Final = 3600.0
 
 PROVIDERS: Final = ("demo", "openai", "clock")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -89,6 +93,8 @@ class Settings:
     connect_burst: float = DEFAULT_CONNECT_BURST
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER
+    token_quota: int = DEFAULT_TOKEN_QUOTA
+    token_quota_window: float = DEFAULT_TOKEN_QUOTA_WINDOW
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,17 +134,20 @@ def env_name(field_name: str) -> str:
 T = TypeVar("T", int, float)
 
 
-def _number(kind: type[T], low: T, high: T) -> Callable[[str, str], T]:
+def _number(kind: type[T], low: T, high: T, hint: str = "") -> Callable[[str, str], T]:
+    """A parser for numbers in [low, high]; `hint` (what the value means) ends its errors."""
+    suffix = f"; {hint}" if hint else ""
+
     def parse(name: str, raw: str) -> T:
         try:
             value = kind(raw)
         except ValueError:
             raise SettingsError(
                 f"{name} must be {'an integer' if kind is int else 'a number'} "
-                f"between {low} and {high} (got {raw!r})"
+                f"between {low} and {high} (got {raw!r}){suffix}"
             ) from None
         if not low <= value <= high:
-            raise SettingsError(f"{name} must be between {low} and {high} (got {raw!r})")
+            raise SettingsError(f"{name} must be between {low} and {high} (got {raw!r}){suffix}")
         return value
 
     return parse
@@ -232,4 +241,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "connect_burst": _number(float, 1.0, 1_000_000.0),
     "max_connections": _number(int, 1, 10_000_000),
     "max_connections_per_user": _number(int, 1, 1_000_000),
+    "token_quota": _number(
+        int, 0, 1_000_000_000, "tokens generated per user per window, 0 for no quota"
+    ),
+    "token_quota_window": _number(
+        float, 1.0, 30 * _DAY, "seconds over which TOKENWIRE_TOKEN_QUOTA refills"
+    ),
 }

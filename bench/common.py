@@ -9,13 +9,18 @@ nothing about speed. `python -m bench` runs them all and writes `bench/results/`
 from __future__ import annotations
 
 import os
+import platform
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 from tqdm import tqdm
@@ -98,7 +103,7 @@ class Figure:
 def fmt(value: float) -> str:
     if value == 0:
         return "0"
-    if abs(value) >= 100:
+    if abs(value) >= 100 or (value == int(value) and abs(value) < 1e15):
         return f"{value:,.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
@@ -216,3 +221,153 @@ def loopback_sources(count: int) -> list[str]:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+# ---- the servers under test -------------------------------------------------------------
+
+BARE = "bare websockets"
+SOCKETIO = "python-socketio"
+TOKENWIRE = "tokenwire"
+TOKENWIRE_REDIS = "tokenwire via Redis"
+# The load client's protocol for each peer (bench.load.KINDS).
+KIND = {BARE: "bare", SOCKETIO: "socketio", TOKENWIRE: "tokenwire", TOKENWIRE_REDIS: "tokenwire"}
+_PEER_MODULES = {BARE: "bench.peers.bare_ws", SOCKETIO: "bench.peers.socketio_app"}
+# Rate limits and connection caps that would refuse a load test's clients, lifted.
+UNLIMITED = {
+    "chat_rate": 1_000_000,
+    "chat_burst": 1_000_000,
+    "connect_rate": 1_000_000,
+    "connect_burst": 1_000_000,
+    "max_connections": 1_000_000,
+    "max_connections_per_user": 1_000_000,
+}
+SERVER_CPUS = (0,)  # servers here, load clients on the rest: they do not fight for a core
+CLIENT_CPUS = (1,)
+
+
+def pinning() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def client_cpus() -> tuple[int, ...]:
+    return CLIENT_CPUS if pinning() else ()
+
+
+def pin(pid: int, cpus: Sequence[int]) -> None:
+    """Pin every thread of `pid` and of its children to `cpus` (threads made later inherit
+    it from the thread that makes them). Nothing when the machine has one CPU."""
+    if not pinning() or not cpus:
+        return
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, set(cpus))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+
+
+@dataclass
+class Peer:
+    """A server under test: chats go to `port`; `read_port` (the Redis hop) is where the
+    same user's other connection reads. `pid` is the process whose CPU counts."""
+
+    name: str
+    port: int
+    pid: int
+    read_port: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return KIND[self.name]
+
+
+@contextmanager
+def serve_peer(
+    name: str,
+    tmp: Path,
+    *,
+    provider: str = "demo",
+    tokens_per_second: float = 50.0,
+    paragraphs: int = 3,
+    **tokenwire_env: Any,
+) -> Iterator[Peer]:
+    """Start peer `name` on a free port with the demo (or clock) provider at the given pace,
+    pinned to SERVER_CPUS; stop it (and any Redis it needed) on exit. `tokenwire_env`:
+    more TOKENWIRE_* settings for tokenwire."""
+    from tests.harness import start_server
+    from tests.redis_server import start_redis
+
+    stack = ExitStack()
+    with stack:
+        if name in _PEER_MODULES:
+            port = free_port()
+            log = (tmp / f"{KIND[name]}-{port}.log").open("wb")
+            stack.callback(log.close)
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", _PEER_MODULES[name], "--port", str(port)),
+                    *("--provider", provider, "--tokens-per-second", str(tokens_per_second)),
+                    *("--paragraphs", str(paragraphs), "--first-token-delay", "0"),
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            stack.callback(_kill, proc)
+            wait_port(port)
+            pin(proc.pid, SERVER_CPUS)
+            yield Peer(name, port, proc.pid)
+            return
+        env = {
+            **UNLIMITED,
+            "provider": provider,
+            "demo_tokens_per_second": tokens_per_second,
+            "demo_first_token_delay": 0,
+            "demo_paragraphs": paragraphs,
+            **tokenwire_env,
+        }
+        if name == TOKENWIRE:
+            server = start_server(tmp, **env)
+            stack.callback(server.stop, signal.SIGKILL)
+            pin(server.proc.pid, SERVER_CPUS)
+            yield Peer(name, server.port, server.proc.pid)
+            return
+        if name != TOKENWIRE_REDIS:
+            raise ValueError(f"unknown peer {name!r}; one of {', '.join(KIND)}")
+        redis = start_redis(tmp)
+        stack.callback(redis.stop)
+        nodes = []
+        for label in ("a", "b"):
+            node = start_server(tmp, redis_url=redis.url, node=f"bench-{label}", **env)
+            stack.callback(node.stop, signal.SIGKILL)
+            nodes.append(node)
+        for pid in (redis._process.pid if redis._process else None, *(n.proc.pid for n in nodes)):
+            if pid is not None:
+                pin(pid, SERVER_CPUS)
+        # The chats go to node a, which generates; node b delivers them: its CPU is the hop.
+        yield Peer(name, nodes[0].port, nodes[1].proc.pid, read_port=nodes[1].port)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("litestar", "uvicorn", "websockets", "python-socketio", "uvloop", "msgspec"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def machine() -> str:
+    ram = psutil.virtual_memory().total / 2**30
+    return f"{cpu_count()} CPUs ({platform.processor() or platform.machine()}), {ram:.1f} GiB RAM"

@@ -640,24 +640,42 @@ async def test_slow_sse_client_is_ended_then_resumes_exactly_once(make_server: A
     assert_whole_answer(fold(events, seen), prompt, paragraphs)
 
 
-async def test_sigterm_ends_sse_responses_and_exits(make_server: Any) -> None:
-    shutdown_timeout = 5
-    server = make_server(demo_tokens_per_second=5, shutdown_timeout=shutdown_timeout)
+async def test_sigterm_ends_sse_responses_lets_the_answer_finish_and_exits(
+    make_server: Any,
+) -> None:
+    shutdown_timeout = 10
+    # 100 tokens a second: the answer takes about 2.5 s, within the grace period.
+    server = make_server(demo_tokens_per_second=100, shutdown_timeout=shutdown_timeout)
     prompt = "interrupted over sse"
     user = await new_user(server)
-    stream, _ = await user.chat(prompt)
+    stream, conversation = await user.chat(prompt)
     async with user.sse(stream) as sse:
         await sse.until(is_token_from(1))
         server.proc.terminate()
         started = time.monotonic()
-        # Promptly: well before the graceful timeout would have cut it.
+        # Promptly: the response ends at once, not when the answer or the grace period do.
         events = await sse.read_to_end(timeout=shutdown_timeout / 2)
         ended_after = time.monotonic() - started
     assert sse.ended, "the response was cut, not ended"
     assert ended_after < shutdown_timeout / 2
     view = fold(events)
-    assert demo_reply(prompt).startswith(view.text)
+    assert view.end is None and demo_reply(prompt).startswith(view.text)
+    assert len(view.text) < len(demo_reply(prompt)), "the response ended with the answer"
     assert (view.duplicates, view.gaps) == (0, 0)
     # uvicorn re-raises the signal it handled once its graceful shutdown is done.
     returncode = await asyncio.to_thread(server.proc.wait, shutdown_timeout + 5)
     assert returncode in (0, -signal.SIGTERM)
+
+    # The answer went on after the response ended, and was saved whole and complete.
+    from backend.history import SqliteHistory
+
+    history = await SqliteHistory.open(server.env["TOKENWIRE_DB"])
+    try:
+        messages = await history.messages(user.cookie.split("=", 1)[1].split(".")[0], conversation)
+    finally:
+        await history.aclose()
+    assert messages is not None
+    assert [(m.role, m.text, m.complete) for m in messages] == [
+        ("user", prompt, True),
+        ("assistant", demo_reply(prompt), True),
+    ]

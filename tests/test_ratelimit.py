@@ -1,5 +1,6 @@
-"""Rate limits: the token-bucket arithmetic, the `RateLimiter` contract over every backend
-(a real redis-server for `redis`), and the limits as clients of a real server see them."""
+"""Rate limits and the token quota: the token-bucket arithmetic, the `RateLimiter` contract
+over every backend (a real redis-server for `redis`), and the limits as clients of a real
+server see them."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from backend.providers import demo_tokens
 from backend.ratelimit import (
     Bucket,
     MemoryRateLimiter,
     RateLimiter,
     RedisRateLimiter,
+    TokenQuota,
     bucket_key,
+    quota_key,
     retry_after_rounded,
+    spend_from_bucket,
     take_from_bucket,
 )
 from tests.harness import TIMEOUT, Client, Server, new_id, start_chat
@@ -53,6 +58,40 @@ def test_take_from_bucket(
     retry_after: float,
 ) -> None:
     assert take_from_bucket(bucket, now, rate, burst, cost) == (after, retry_after)
+
+
+SPEND_CASES: list[
+    tuple[str, Bucket | None, float, float, float, float | None, float, Bucket | None, float]
+] = [
+    # (case, bucket, now, rate, burst, need, cost, bucket after, retry_after)
+    ("check-new-bucket-takes-nothing", None, 5.0, 1.0, 10.0, 1.0, 0.0, None, 0.0),
+    ("check-passes-unchanged", Bucket(3.0, 5.0), 6.0, 1.0, 10.0, 1.0, 0.0, Bucket(3.0, 5.0), 0.0),
+    ("check-in-debt-waits", Bucket(-4.0, 5.0), 5.0, 2.0, 10.0, 1.0, 0.0, Bucket(-4.0, 5.0), 2.5),
+    ("debt-paid-back", Bucket(-4.0, 5.0), 8.0, 2.0, 10.0, 1.0, 0.0, Bucket(-4.0, 5.0), 0.0),
+    ("charge-below-zero", Bucket(3.0, 5.0), 5.0, 1.0, 10.0, None, 8.0, Bucket(-5.0, 5.0), 0.0),
+    ("charge-refills-first", Bucket(0.0, 0.0), 4.0, 1.0, 10.0, None, 6.0, Bucket(-2.0, 4.0), 0.0),
+    ("charge-new-bucket", None, 1.0, 1.0, 10.0, None, 25.0, Bucket(-15.0, 1.0), 0.0),
+    ("charge-in-debt-deepens", Bucket(-5.0, 1.0), 1.0, 1.0, 9.0, None, 2.0, Bucket(-7.0, 1.0), 0.0),
+    ("need-above-cost", Bucket(2.0, 0.0), 0.0, 1.0, 9.0, 3.0, 1.0, Bucket(2.0, 0.0), 1.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("bucket", "now", "rate", "burst", "need", "cost", "after", "retry_after"),
+    [c[1:] for c in SPEND_CASES],
+    ids=[c[0] for c in SPEND_CASES],
+)
+def test_spend_from_bucket(
+    bucket: Bucket | None,
+    now: float,
+    rate: float,
+    burst: float,
+    need: float | None,
+    cost: float,
+    after: Bucket | None,
+    retry_after: float,
+) -> None:
+    assert spend_from_bucket(bucket, now, rate, burst, need, cost) == (after, retry_after)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +178,102 @@ async def test_impossible_limits_are_refused(
         await limiter.take("k", rate=rate, burst=burst, cost=cost)
 
 
+async def test_a_spend_of_nothing_checks_without_taking(limiter: RateLimiter) -> None:
+    for _ in range(20):
+        assert await limiter.spend("k", rate=0.01, burst=5, need=1, cost=0) == 0.0
+    for _ in range(5):  # the whole burst is still there
+        assert await limiter.take("k", rate=0.01, burst=5) == 0.0
+    retry_after = await limiter.spend("k", rate=0.01, burst=5, need=1, cost=0)
+    assert 99 < retry_after <= 100
+
+
+async def test_an_unconditional_spend_goes_below_zero(limiter: RateLimiter) -> None:
+    assert await limiter.spend("k", rate=1.0, burst=10, need=None, cost=25) == 0.0
+    # 10 - 25 = -15: one token is 16 seconds away (less the time spent since).
+    retry_after = await limiter.spend("k", rate=1.0, burst=10, need=1, cost=0)
+    assert 15.5 < retry_after <= 16.0
+    assert await limiter.take("k", rate=1.0, burst=10) > 15.5
+
+
+async def test_concurrent_unconditional_spends_all_count(limiter: RateLimiter) -> None:
+    waits = await asyncio.gather(
+        *(limiter.spend("k", rate=0.01, burst=10, need=None, cost=1) for _ in range(50))
+    )
+    assert waits == [0.0] * 50
+    retry_after = await limiter.spend("k", rate=0.01, burst=10, need=1, cost=0)
+    assert 4099 < retry_after <= 4100  # 10 - 50 = -40: 41 tokens at 0.01 per second
+
+
+async def test_a_debt_is_paid_back_over_time(limiter: RateLimiter) -> None:
+    rate = 10.0
+    assert await limiter.spend("k", rate=rate, burst=2, need=None, cost=4) == 0.0  # at -2
+    charged_at = time.monotonic()
+    deadline = charged_at + 5
+    while (wait := await limiter.spend("k", rate=rate, burst=2, need=1, cost=0)) > 0:
+        assert time.monotonic() < deadline, "the debt was never paid back"
+        await asyncio.sleep(min(wait, 0.05))
+    assert time.monotonic() - charged_at > 2 / rate  # it did wait (a bound, not a timing)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "need", "cost"),
+    [
+        (0.0, 1.0, 1.0, 0.0),
+        (1.0, 0.0, None, 1.0),
+        (1.0, 1.0, 2.0, 0.0),
+        (1.0, 1.0, 0.0, 0.0),
+        (1.0, 1.0, None, -1.0),
+    ],
+    ids=["no-refill", "no-burst", "need-above-burst", "need-nothing", "negative-cost"],
+)
+async def test_impossible_spends_are_refused(
+    limiter: RateLimiter, rate: float, burst: float, need: float | None, cost: float
+) -> None:
+    with pytest.raises(ValueError):
+        await limiter.spend("k", rate=rate, burst=burst, need=need, cost=cost)
+
+
+async def test_token_quota_over_the_limiter(limiter: RateLimiter) -> None:
+    quota = TokenQuota(limiter, tokens=100, window=10.0)  # 10 tokens a second
+    assert await quota.wait("ann") == 0.0
+    await quota.charge("ann", 0)  # nothing generated: nothing charged
+    await quota.charge("ann", 60)
+    assert await quota.wait("ann") == 0.0  # 40 left: the next chat may start
+    await quota.charge("ann", 90)  # an answer longer than what was left: -50
+    retry_after = await quota.wait("ann")
+    assert 5.0 < retry_after <= 5.1  # 51 tokens at 10 a second
+    assert await quota.wait("bob") == 0.0  # users are independent
+
+
+@pytest.mark.parametrize(
+    ("tokens", "window"), [(0, 10.0), (10, 0.0)], ids=["no-tokens", "no-window"]
+)
+def test_token_quota_needs_tokens_and_a_window(tokens: int, window: float) -> None:
+    with pytest.raises(ValueError):
+        TokenQuota(MemoryRateLimiter(), tokens=tokens, window=window)
+
+
+async def test_memory_limiter_keeps_no_bucket_for_a_check() -> None:
+    limiter = MemoryRateLimiter()
+    assert await limiter.spend("k", rate=1.0, burst=5, need=1, cost=0) == 0.0
+    assert len(limiter) == 0
+
+
+async def test_redis_quota_bucket_expires_when_paid_back(redis_clean: str) -> None:
+    limiter = RedisRateLimiter(redis_clean)
+    raw = Redis.from_url(redis_clean)
+    try:
+        quota = TokenQuota(limiter, tokens=100, window=100.0)  # 1 token a second
+        assert await quota.wait("ann") == 0.0
+        assert await raw.exists(bucket_key(quota_key("ann"))) == 0  # a check writes nothing
+        await quota.charge("ann", 150)
+        # From -50 back to 100 at one token a second.
+        assert 149_000 < await raw.pttl(bucket_key(quota_key("ann"))) <= 150_000
+    finally:
+        await raw.aclose()
+        await limiter.aclose()
+
+
 async def test_redis_bucket_expires_when_full_again(redis_clean: str) -> None:
     limiter = RedisRateLimiter(redis_clean)
     raw = Redis.from_url(redis_clean)
@@ -189,6 +324,69 @@ async def test_http_chats_over_the_burst(make_server: Callable[..., Server]) -> 
         error = response.json()
         assert error["code"] == "rate_limited" and error["retryable"] is True
         assert error["retry_after"] > 0
+
+
+QUOTA = 50  # tokens per window: less than one demo answer, so one answer overdraws it
+
+
+async def test_a_user_over_the_token_quota_is_refused_and_others_are_not(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(token_quota=QUOTA, token_quota_window=3600)
+    before = server.metrics()["tokenwire_rate_limited_total"]
+    ann = await Client.connect(server)
+    bob = await Client.connect(server)
+    try:
+        first, conversation = await start_chat(ann, "spend my quota")
+        answered = await ann.until_end(first)
+        assert answered.end is not None and answered.end["type"] == "done"
+        assert answered.last == len(demo_tokens("spend my quota")) > QUOTA
+
+        # Ann overdrew: her next chat waits until the debt is paid back at 50 an hour.
+        refused = new_id()
+        await ann.send(type="chat", id=refused, conversation=new_id(), text="one more")
+        error = await ann.until(lambda f: f["type"] in ("ack", "error") and f["id"] == refused)
+        assert (error["type"], error["code"], error["retryable"]) == ("error", "rate_limited", True)
+        debt = answered.last - QUOTA
+        assert (debt + 1) * 3600 / QUOTA - 60 < error["retry_after"] <= (debt + 1) * 3600 / QUOTA
+
+        # Her connection carries on, and a replay of her earlier chat is free.
+        await ann.send(type="ping", t=3)
+        assert await ann.until(lambda f: f["type"] == "pong") == {"type": "pong", "t": 3}
+        await ann.send(type="chat", id=first, conversation=conversation, text="spend my quota")
+        ack = await ann.until(lambda f: f["type"] in ("ack", "error") and f["id"] == first)
+        assert ack == {"type": "ack", "id": first, "conversation": conversation}
+        replay = (await ann.until_end(first)).end
+        assert replay is not None and replay["type"] == "done"
+
+        # Over HTTP too: 429 with Retry-After for Ann, while Bob's quota is his own.
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+            body = {"id": new_id(), "conversation": new_id(), "text": "by http"}
+            response = await http.post("/api/chat", json=body, headers={"Cookie": ann.cookie})
+            assert response.status_code == 429
+            assert int(response.headers["retry-after"]) >= error["retry_after"]
+            assert response.json()["code"] == "rate_limited"
+            response = await http.post("/api/chat", json=body, headers={"Cookie": bob.cookie})
+            assert response.status_code == 202, response.text
+        stream, _ = await start_chat(bob, "my own quota")
+        bob_view = await bob.until_end(stream)
+        assert bob_view.end is not None and bob_view.end["type"] == "done"
+        assert server.metrics()["tokenwire_rate_limited_total"] == before + 2
+    finally:
+        await ann.close()
+        await bob.close()
+
+
+async def test_no_token_quota_when_it_is_zero(make_server: Callable[..., Server]) -> None:
+    server = make_server(token_quota=0, demo_paragraphs=0)
+    client = await Client.connect(server)
+    try:
+        for text in ("one", "two", "three"):  # well past a quota of a few tokens
+            stream, _ = await start_chat(client, text)
+            end = (await client.until_end(stream)).end
+            assert end is not None and end["type"] == "done"
+    finally:
+        await client.close()
 
 
 async def test_connections_per_user_are_capped(make_server: Callable[..., Server]) -> None:

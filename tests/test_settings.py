@@ -267,3 +267,25 @@ def test_the_process_environment_is_the_default_source(monkeypatch: pytest.Monke
     monkeypatch.setenv("TOKENWIRE_DEMO_PARAGRAPHS", "many")
     with pytest.raises(SettingsError, match=r"^TOKENWIRE_DEMO_PARAGRAPHS "):
         Settings.from_env()
+
+
+def test_token_quota_defaults_and_off() -> None:
+    loaded = Settings.from_env({})
+    assert (loaded.token_quota, loaded.token_quota_window) == (200_000, 3600.0)
+    assert load(TOKENWIRE_TOKEN_QUOTA="0").token_quota == 0  # no quota
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "hint"),
+    [
+        pytest.param("TOKENWIRE_TOKEN_QUOTA", "-5", "0 for no quota", id="quota-negative"),
+        pytest.param("TOKENWIRE_TOKEN_QUOTA", "lots", "0 for no quota", id="quota-word"),
+        pytest.param(
+            "TOKENWIRE_TOKEN_QUOTA_WINDOW", "0", "TOKENWIRE_TOKEN_QUOTA refills", id="window-0"
+        ),
+    ],
+)
+def test_token_quota_errors_say_what_the_value_means(variable: str, raw: str, hint: str) -> None:
+    message = refused({variable: raw})
+    assert message.startswith(f"{variable} must be "), message
+    assert message.endswith(hint), message

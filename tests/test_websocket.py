@@ -405,27 +405,62 @@ async def test_heartbeat_closes_silent_connection_and_frees_it(make_server: Any)
     assert server.metrics()["tokenwire_subscriptions"] == baseline["tokenwire_subscriptions"]
 
 
-async def test_sigterm_closes_clients_with_1001_and_exits(make_server: Any, tmp_path: Any) -> None:
-    server = make_server(shutdown_timeout=5, demo_tokens_per_second=20)
+async def saved_messages(server: Server, client: Client, conversation: str) -> list[Any]:
+    """The conversation as the stopped server left it in its SQLite file."""
+    from backend.history import SqliteHistory
+
+    history = await SqliteHistory.open(server.env["TOKENWIRE_DB"])
+    user = client.cookie.split("=", 1)[1].split(".")[0]
+    try:
+        messages = await history.messages(user, conversation)
+    finally:
+        await history.aclose()
+    assert messages is not None
+    return messages
+
+
+async def test_sigterm_tells_clients_1001_and_lets_the_answer_finish(make_server: Any) -> None:
+    # 100 tokens a second: the answer takes about 2.5 s, well within the grace period.
+    server = make_server(shutdown_timeout=10, demo_tokens_per_second=100, log_level="info")
+    prompt = "finished after the goodbye"
     clients = [await Client.connect(server) for _ in range(3)]
-    stream, conversation = await start_chat(clients[0], "interrupted answer")
+    stream, conversation = await start_chat(clients[0], prompt)
     await clients[0].until(lambda f: f["type"] == "token" and f["seq"] >= 3)
     server.proc.terminate()
     codes = [await c.drain_until_closed() for c in clients]
     assert codes == [1001, 1001, 1001]
+    shown = clients[0].view(stream)
+    assert shown.end is None and shown.last < len(demo_tokens(prompt)), "not mid-stream"
     # uvicorn re-raises the signal it handled once its graceful shutdown is done.
     assert await asyncio.to_thread(server.proc.wait, TIMEOUT) in (0, -signal.SIGTERM)
 
-    # The partial answer was saved as incomplete.
-    from backend.history import SqliteHistory
+    # The generation went on after its clients were told to go: saved whole and complete.
+    messages = await saved_messages(server, clients[0], conversation)
+    assert [(m.role, m.text, m.complete) for m in messages] == [
+        ("user", prompt, True),
+        ("assistant", demo_reply(prompt), True),
+    ]
+    assert "generations: 1 finished, 0 stopped" in server.log()
 
-    history = await SqliteHistory.open(server.env["TOKENWIRE_DB"])
-    user = clients[0].cookie.split("=", 1)[1].split(".")[0]
-    messages = await history.messages(user, conversation)
-    await history.aclose()
-    assert messages is not None
+
+async def test_sigterm_stops_an_answer_still_running_when_the_grace_period_ends(
+    make_server: Any,
+) -> None:
+    # 20 tokens a second: the answer would take about 12 s; the grace period is 1 s.
+    server = make_server(shutdown_timeout=1, demo_tokens_per_second=20, log_level="info")
+    prompt = "interrupted answer"
+    clients = [await Client.connect(server) for _ in range(3)]
+    stream, conversation = await start_chat(clients[0], prompt)
+    await clients[0].until(lambda f: f["type"] == "token" and f["seq"] >= 3)
+    server.proc.terminate()
+    codes = [await c.drain_until_closed() for c in clients]
+    assert codes == [1001, 1001, 1001]
+    assert await asyncio.to_thread(server.proc.wait, TIMEOUT) in (0, -signal.SIGTERM)
+
+    # The partial answer was saved as incomplete.
+    messages = await saved_messages(server, clients[0], conversation)
     assert [(m.role, m.complete) for m in messages] == [("user", True), ("assistant", False)]
     shown = clients[0].view(stream).text
-    assert messages[1].text.startswith(shown) and demo_reply("interrupted answer").startswith(
-        messages[1].text
-    )
+    assert messages[1].text.startswith(shown) and demo_reply(prompt).startswith(messages[1].text)
+    assert len(messages[1].text) < len(demo_reply(prompt))
+    assert "generations: 0 finished, 1 stopped" in server.log()
