@@ -180,3 +180,48 @@ def identity_middleware(
         return wrapped
 
     return middleware
+
+
+# Methods that never change state here: a page on another origin may send them (their
+# responses stay unreadable to it, as no CORS header is sent).
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_ORIGIN_REFUSED: Final = (
+    b'{"type":"error","id":null,"code":"unauthorized",'
+    b'"message":"requests from this origin are not allowed; '
+    b'list it in TOKENWIRE_ALLOWED_ORIGINS","retryable":false}'
+)
+
+
+def origin_middleware(allowed: Iterable[str]) -> Callable[[ASGIApp], ASGIApp]:
+    """ASGI middleware: an HTTP request that may change state (any method but GET, HEAD,
+    OPTIONS) sent by a browser from another origin is refused with 403, before anything
+    reads it: the check `ws_endpoint` makes on upgrades. SameSite=Lax alone would let a
+    sibling subdomain (same site, other origin) start and cancel chats with the cookie."""
+    origins = tuple(allowed)
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            if (
+                str(scope["type"]) == "http"
+                and scope.get("method") not in SAFE_METHODS
+                and not origin_allowed(scope, origins)
+            ):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(_ORIGIN_REFUSED)).encode()),
+                        ],
+                    }
+                )
+                await send(
+                    {"type": "http.response.body", "body": _ORIGIN_REFUSED, "more_body": False}
+                )
+                return
+            await app(scope, receive, send)
+
+        return wrapped
+
+    return middleware

@@ -1,24 +1,31 @@
-"""Page figures for the browser client, per runtime: time from navigation to a usable
-input (cold cache and warm), bytes transferred, and the longest main-thread task while a
-fast stream (500 tokens/s) renders. Prints a Markdown table; asserts nothing.
+"""Figure 5: the chat page in headless Chromium, per runtime: time from navigation to a
+usable input (cold cache and warm), bytes transferred, and the longest main-thread task
+while a fast stream (500 tokens/s) renders.
 
-    python -m bench.page_load [--repeat 3]
+    python -m bench.page_load [--repeat 3] [--smoke] [--out DIR]
+
+`run(config)` is what `python -m bench` calls; the smoke size is one cold and one warm load
+of MicroPython only (no streaming). Measures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Final
 
 from playwright.sync_api import BrowserContext, sync_playwright
 
+from bench.common import RESULTS, Config, Figure, bar_plot, progress
 from e2e.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.harness import start_server
 
+TITLE: Final = "Page load: time to a usable chat input and bytes, per browser runtime"
+RUNTIMES: Final = (("MicroPython", ""), ("Pyodide", "?runtime=pyodide"))
+STREAM_TOKENS_PER_SECOND: Final = 500
 LONGTASKS_JS = """
 window.__longest = 0;
 new PerformanceObserver(list => {
@@ -52,52 +59,65 @@ def longest_task_while_streaming(context: BrowserContext, url: str) -> float:
     return float(page.evaluate("window.__longest"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="tokenwire-bench-"))
-    server = start_server(
-        tmp, demo_first_token_delay=0, demo_tokens_per_second=500, demo_paragraphs=12
-    )
-    rows = []
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            for runtime, query in [("MicroPython", ""), ("Pyodide", "?runtime=pyodide")]:
-                url = f"{server.url}/{query}"
-                cold, warm, cold_bytes, warm_bytes, longest = [], [], [], [], []
-                for _ in range(args.repeat):
+def run(config: Config) -> Figure:
+    figure = Figure("page_load", TITLE)
+    runtimes = RUNTIMES[:1] if config.smoke else RUNTIMES
+    with tempfile.TemporaryDirectory(prefix="benchcore-page-") as tmp:
+        server = start_server(
+            Path(tmp),
+            demo_first_token_delay=0,
+            demo_tokens_per_second=STREAM_TOKENS_PER_SECOND,
+            demo_paragraphs=12,
+        )
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                runs = [(r, q) for _ in range(config.repetitions) for r, q in runtimes]
+                for runtime, query in progress(runs, desc="page load"):
+                    url = f"{server.url}/{query}"
                     context = browser.new_context()  # an empty cache: a first visit
                     seconds, size = load(context, url)
-                    cold.append(seconds)
-                    cold_bytes.append(size)
+                    figure.row(runtime, "cold: usable input", "ms").samples.append(seconds * 1e3)
+                    figure.row(runtime, "bytes, cold", "KB").samples.append(size / 1024)
                     seconds, size = load(context, url)  # the same visitor comes back
-                    warm.append(seconds)
-                    warm_bytes.append(size)
-                    longest.append(longest_task_while_streaming(context, url))
+                    figure.row(runtime, "warm: usable input", "ms").samples.append(seconds * 1e3)
+                    figure.row(runtime, "bytes, warm", "KB").samples.append(size / 1024)
+                    if not config.smoke:
+                        figure.row(
+                            runtime,
+                            f"longest task at {STREAM_TOKENS_PER_SECOND} tokens/s",
+                            "ms",
+                        ).samples.append(longest_task_while_streaming(context, url))
                     context.close()
-                rows.append((runtime, cold, warm, cold_bytes, warm_bytes, longest))
-            browser.close()
-    finally:
-        server.stop(signal.SIGKILL)
-
-    def fmt(values: list[float], scale: float = 1.0, unit: str = "") -> str:
-        med = statistics.median(values) * scale
-        return f"{med:,.0f}{unit} ({min(values) * scale:,.0f} to {max(values) * scale:,.0f})"
-
-    print(f"\nmedian (min to max) of {args.repeat} runs\n")
-    print(
-        "| runtime | cold: usable input | warm | bytes, cold | bytes, warm "
-        "| longest task at 500 tok/s |"
+                browser.close()
+        finally:
+            server.stop(signal.SIGKILL)
+    figure.notes.append(
+        "Headless Chromium and the server on the same machine; cold = a new browser context "
+        "(empty cache), warm = the same context loading the page again."
     )
-    print("|---|---|---|---|---|---|")
-    for runtime, cold, warm, cb, wb, longest in rows:
-        print(
-            f"| {runtime} | {fmt(cold, 1000, ' ms')} | {fmt(warm, 1000, ' ms')} | "
-            f"{fmt([float(b) for b in cb], 1 / 1024, ' KB')} | "
-            f"{fmt([float(b) for b in wb], 1 / 1024, ' KB')} | {fmt(longest, 1, ' ms')} |"
+    bars = {
+        f"{row.peer}, {row.metric.split(':')[0]}": (
+            row.median,
+            min(row.samples),
+            max(row.samples),
         )
+        for row in figure.rows
+        if row.metric.endswith("usable input")
+    }
+    figure.plots.append(
+        bar_plot(config.out / "page_load.png", "Time to a usable chat input", "ms", bars)
+    )
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    print(run(Config(out=args.out, smoke=args.smoke, repeat=args.repeat)).markdown())
 
 
 if __name__ == "__main__":
