@@ -161,6 +161,7 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)  # the root's level (uvicorn.Config may set its own)
         logger.propagate = True
 
 

@@ -164,8 +164,10 @@ def test_text_formatter_puts_the_context_on_the_first_line() -> None:
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_setup_routes_uvicorn_and_the_app_through_one_handler(fmt: str) -> None:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    # Another test's uvicorn may have left its own configuration: setup replaces it.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     stream = io.StringIO()
     try:
         setup("info", fmt, stream)
@@ -177,7 +179,10 @@ def test_setup_routes_uvicorn_and_the_app_through_one_handler(fmt: str) -> None:
 
         contextvars.copy_context().run(log_in_context)
     finally:
-        root.handlers[:], root.level = saved
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     if fmt == "json":
