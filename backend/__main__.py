@@ -12,6 +12,7 @@ shutdown, bounded by what is left of the grace period.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 import sys
@@ -24,9 +25,12 @@ from backend.app import Runtime, create_app
 from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
 
+log = logging.getLogger(__name__)
+
 # uvicorn's own shutdown after the drain waits at least this long for connections that are
 # closing at that moment (a close frame in flight), even if the grace period is spent.
 MIN_FINAL_WAIT: Final = 1
+FORCE_EXIT_POLL: Final = 0.1  # seconds; how soon a second Ctrl+C cuts the drain short
 
 
 class TokenwireServer(uvicorn.Server):
@@ -48,7 +52,16 @@ class TokenwireServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             if not isinstance(connection, WebSocketsSansIOProtocol):
                 connection.shutdown()
-        await self.runtime.drain(grace)
+        drain = asyncio.create_task(self.runtime.drain(grace), name="drain")
+        while not drain.done():
+            await asyncio.wait({drain}, timeout=FORCE_EXIT_POLL)
+            if self.force_exit:
+                # A second Ctrl+C: uvicorn's "force quit". Its own shutdown then skips every
+                # wait and the app's (whatever is still generating is cut, unsaved).
+                drain.cancel()
+        await asyncio.wait({drain})
+        if not drain.cancelled() and (error := drain.exception()) is not None:
+            log.error("the drain failed; shutting down without it", exc_info=error)
         self.config.timeout_graceful_shutdown = max(
             MIN_FINAL_WAIT, math.ceil(deadline - loop.time())
         )

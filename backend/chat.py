@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -410,20 +411,22 @@ class ChatService:
         # The quota is charged before the end is published, so a next chat sent on seeing
         # it finds the charge. Each step is tried even if one before failed (storage down):
         # what can be kept is.
-        steps = (
-            self.history.save_assistant_message(
+        # Made one at a time: a step never reached (the task cut at exit) leaves no
+        # never-awaited coroutine behind.
+        steps: tuple[Callable[[], Awaitable[object]], ...] = (
+            lambda: self.history.save_assistant_message(
                 gen.user, gen.conversation, gen.id, "".join(gen.parts), complete
             ),
-            self._charge(gen),
-            self.log.finish(key, end, self.stream_ttl),
-            self.broker.publish(
+            lambda: self._charge(gen),
+            lambda: self.log.finish(key, end, self.stream_ttl),
+            lambda: self.broker.publish(
                 user_channel(gen.user), StreamEnded(id=gen.id, seq=gen.seq, frame=end)
             ),
-            self.leases.release(key, self.node),
+            lambda: self.leases.release(key, self.node),
         )
         for step in steps:
             try:
-                await step
+                await step()
             except Exception:
                 log.warning("could not record the end of %s", gen.id, exc_info=True)
 

@@ -27,7 +27,7 @@ from backend.protocol import DoneFrame, ErrorFrame
 from backend.providers import demo_reply, demo_tokens
 from backend.settings import Settings
 from tests.balancer import Balancer
-from tests.harness import TIMEOUT, Server
+from tests.harness import TIMEOUT, Client, Server, start_chat, wait_for
 from tests.test_multinode import (
     assert_complete,
     begin_chat,
@@ -101,6 +101,20 @@ async def test_drain_stops_what_is_still_running_when_the_grace_period_ends(
 async def test_drain_with_nothing_running(tmp_path: Path) -> None:
     async with running(tmp_path) as runtime:
         assert await asyncio.wait_for(runtime.drain(grace=TIMEOUT), TIMEOUT) == Drained(0, 0)
+
+
+async def test_a_second_ctrl_c_cuts_the_drain_short(make_server: Callable[..., Server]) -> None:
+    # A grace period far longer than the test's patience: only the force quit ends it.
+    server = make_server(shutdown_timeout=600, demo_tokens_per_second=5, log_level="info")
+    client = await Client.connect(server)
+    stream, _ = await start_chat(client, "a very slow answer")
+    await client.until(lambda f: f["type"] == "token" and f.get("id") == stream)
+    server.proc.send_signal(signal.SIGINT)
+    assert await client.drain_until_closed() == 1001
+    await wait_for(lambda: "draining:" in server.log())
+    server.proc.send_signal(signal.SIGINT)
+    await asyncio.to_thread(server.proc.wait, TIMEOUT)  # not 600 s
+    assert "drained in" not in server.log()
 
 
 # ---- two nodes and Redis --------------------------------------------------------------------
