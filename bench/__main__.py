@@ -4,16 +4,19 @@ date, the machine, the versions, every figure's table and notes) and each figure
     python -m bench [--smoke] [--only idle,throughput,...] [--repeat N] [--out DIR]
 
 The figures run in FIGURES order, each a module `bench.<name>` exposing
-`run(config) -> Figure`. A figure module that is missing is a failure, not a skip: the
-results would silently lack a figure. `--smoke` runs every figure at a tiny size in
-seconds (the test suite does, so the bench never rots).
+`run(config) -> Figure`; `results.json` holds the same rows for programs. A figure module
+that is missing is a failure, not a skip: the results would silently lack a figure.
+`--smoke` runs every figure at a tiny size in seconds (the test suite does, so the bench
+never rots).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
+import json
 import sys
 import time
 import traceback
@@ -90,6 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         text += "\n" + "\n".join(f"## {n}: FAILED (see the traceback on stderr)" for n in failed)
     (config.out / "results.md").write_text(text)
+    # The same numbers for programs (tests/test_bench.py reads them): every sample kept.
+    record = {
+        "smoke": config.smoke,
+        "failed": failed,
+        "figures": [
+            {
+                "key": f.key,
+                "title": f.title,
+                "rows": [dataclasses.asdict(r) for r in f.rows],
+                "notes": f.notes,
+                "plots": [p.name for p in f.plots],
+            }
+            for f in figures
+        ],
+    }
+    (config.out / "results.json").write_text(json.dumps(record, indent=1, allow_nan=True))
     print(text)
     print(f"bench: wrote {config.out / 'results.md'}", file=sys.stderr)
     return 1 if failed else 0

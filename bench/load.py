@@ -126,6 +126,7 @@ class Frame(msgspec.Struct):
     t: Any = None
 
 
+OnMessage = Callable[["Wire", bytes, float], None]
 _decode_frame = msgspec.json.Decoder(Frame).decode
 _decode_event = msgspec.json.Decoder(tuple[str, Frame]).decode
 _encode = msgspec.json.encode
@@ -148,10 +149,13 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 
 class Wire(asyncio.Protocol):
     """One client WebSocket: the opening handshake, then whole text messages handed to
-    `on_message(payload, now)` with `now` the wall-clock time the bytes arrived. Answers
+    `on_message(wire, payload, now)` with `now` the wall-clock time the bytes arrived (from
+    the first read on: the server may speak first, in the handshake's packet). Answers
     protocol pings; closes on a close frame."""
 
-    def __init__(self, host: str, port: int, path: str, cookie: str | None) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, cookie: str | None, on_message: OnMessage
+    ) -> None:
         self.key = base64.b64encode(os.urandom(16))
         self.request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
@@ -166,7 +170,7 @@ class Wire(asyncio.Protocol):
         self.upgraded = False
         self.fragments: list[bytes] = []
         self.transport: asyncio.Transport | None = None
-        self.on_message: Callable[[bytes, float], None] = lambda payload, now: None
+        self.on_message = on_message
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -222,7 +226,7 @@ class Wire(asyncio.Protocol):
                 if self.fragments:
                     payload = b"".join([*self.fragments, payload])
                     self.fragments.clear()
-                self.on_message(payload, now)
+                self.on_message(self, payload, now)
             elif opcode == 0x9 and self.transport is not None:
                 self.transport.write(masked_frame(payload, 0xA))
             elif opcode == 0x8:
@@ -252,9 +256,13 @@ class Wire(asyncio.Protocol):
         self.open.set_result(cookie)
 
 
-async def open_wire(host: str, port: int, path: str, cookie: str | None = None) -> Wire:
+async def open_wire(
+    host: str, port: int, path: str, on_message: OnMessage, cookie: str | None = None
+) -> Wire:
     loop = asyncio.get_running_loop()
-    _, wire = await loop.create_connection(lambda: Wire(host, port, path, cookie), host, port)
+    _, wire = await loop.create_connection(
+        lambda: Wire(host, port, path, cookie, on_message), host, port
+    )
     await asyncio.wait_for(asyncio.shield(wire.open), CONNECT_TIMEOUT)
     return wire
 
@@ -278,22 +286,17 @@ class StreamClient:
     async def connect(self) -> None:
         plan = self.plan
         if plan.kind == "socketio":
-            self.wire = await open_wire(
-                plan.host, plan.port, "/socket.io/?EIO=4&transport=websocket"
-            )
-            self.wire.on_message = self._on_socketio
+            self.wire = await open_wire(plan.host, plan.port, SOCKETIO_PATH, self._on_socketio)
             await asyncio.wait_for(asyncio.shield(self.sio_ready), CONNECT_TIMEOUT)
             return
         path = "/ws" if plan.kind == "tokenwire" else "/"
-        wire = await open_wire(plan.host, plan.port, path)
-        if plan.read_port is not None:
-            # The same user (its cookie) on the other node reads; this one only sends.
-            self.sender = wire
-            wire.on_message = self._on_sender
-            cookie = await wire.open
-            wire = await open_wire(plan.host, plan.read_port, path, cookie)
-        self.wire = wire
-        wire.on_message = self._on_message
+        if plan.read_port is None:
+            self.wire = await open_wire(plan.host, plan.port, path, self._on_message)
+            return
+        # The same user (its cookie) on the other node reads; this one only sends.
+        self.sender = await open_wire(plan.host, plan.port, path, self._on_sender)
+        cookie = await self.sender.open
+        self.wire = await open_wire(plan.host, plan.read_port, path, self._on_message, cookie)
 
     def send_chat(self) -> None:
         self.sent_at = time.time()
@@ -313,30 +316,28 @@ class StreamClient:
 
     # ---- receiving ---------------------------------------------------------------------
 
-    def _on_sender(self, payload: bytes, now: float) -> None:
-        if b'"type":"ping"' in payload and self.sender is not None:
-            frame = _decode_frame(payload)
-            self.sender.send_text(_encode({"type": "pong", "t": frame.t}))
+    def _on_sender(self, wire: Wire, payload: bytes, now: float) -> None:
+        if b'"type":"ping"' in payload:
+            wire.send_text(_encode({"type": "pong", "t": _decode_frame(payload).t}))
 
-    def _on_message(self, payload: bytes, now: float) -> None:
-        self._on_frame(_decode_frame(payload), now)
+    def _on_message(self, wire: Wire, payload: bytes, now: float) -> None:
+        self._on_frame(wire, _decode_frame(payload), now)
 
-    def _on_socketio(self, payload: bytes, now: float) -> None:
-        assert self.wire is not None
+    def _on_socketio(self, wire: Wire, payload: bytes, now: float) -> None:
         if payload.startswith(b"42"):
             event, frame = _decode_event(payload[2:])
             frame.type = event
-            self._on_frame(frame, now)
+            self._on_frame(wire, frame, now)
         elif payload == b"2":
-            self.wire.send_text(b"3")
+            wire.send_text(b"3")
         elif payload.startswith(b"0"):
-            self.wire.send_text(b"40")
+            wire.send_text(b"40")
         elif payload.startswith(b"40") and not self.sio_ready.done():
             self.sio_ready.set_result(None)
         elif payload.startswith(b"44") and not self.sio_ready.done():
             self.sio_ready.set_exception(ConnectionError(f"refused: {payload[:200]!r}"))
 
-    def _on_frame(self, frame: Frame, now: float) -> None:
+    def _on_frame(self, wire: Wire, frame: Frame, now: float) -> None:
         kind = frame.type
         if kind == "token":
             if frame.id != self.id:
@@ -347,8 +348,8 @@ class StreamClient:
                 self.failed = self.failed or kind == "error"
                 if not self.ended.done():
                     self.ended.set_result(None)
-        elif kind == "ping" and self.wire is not None:
-            self.wire.send_text(_encode({"type": "pong", "t": frame.t}))
+        elif kind == "ping":
+            wire.send_text(_encode({"type": "pong", "t": frame.t}))
 
     def _on_token(self, frame: Frame, now: float) -> None:
         w = self.w
@@ -421,7 +422,14 @@ class Worker:
                 await client.connect()
 
         try:
-            await asyncio.gather(*(connect(c) for c in clients))
+            outcomes = await asyncio.gather(*(connect(c) for c in clients), return_exceptions=True)
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
+            if failures:
+                first = failures[0]
+                raise ConnectionError(
+                    f"{len(failures)} of {plan.streams} connections to {plan.kind} on port "
+                    f"{plan.port} failed; the first: {type(first).__name__}: {first}"
+                )
             self.tally.connect_seconds = time.monotonic() - began
             control.send(("ready", self.tally.connect_seconds))
             start_at: float = await asyncio.to_thread(control.recv)
