@@ -66,7 +66,7 @@ PREFIX: Final = "tokenwire_"
 HELP: Final[dict[str, str]] = {
     "slow_consumer_closes": "Clients closed for not reading (WebSocket 4001, SSE ended)",
     "heartbeat_timeouts": "WebSocket connections closed with 4000 (no pong in time)",
-    "connections_refused": "Connections refused by admission (caps or connect rate)",
+    "connections_refused": "WebSocket upgrades and SSE requests refused by admission",
     "token_frames_sent": "Token frames written to clients",
     "tokens_sent": "Tokens written to clients (minus token frames: tokens coalesced)",
     "resumes_recovered": "Catch-ups of a client from the stream log that completed",

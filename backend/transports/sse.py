@@ -113,6 +113,7 @@ async def stream_events(request: Request[Any, Any, Any], state: State, stream_id
     runtime: Runtime = state.runtime
     refusal = await connect_refusal(runtime, request.scope)
     if refusal is not None:
+        runtime.metrics.connections_refused += 1
         raise ApiError(refusal)
     user = user_of(request)
     after = _after(request)

@@ -219,6 +219,7 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     user: str = socket.scope["state"]["user"]
     refusal = await admission_refusal(runtime, socket, user)
     if refusal is not None:
+        runtime.metrics.connections_refused += 1
         # Before accept: uvicorn answers 403 and no open connection is touched.
         await socket.close(code=CLOSE_POLICY, reason=refusal)
         return
