@@ -9,7 +9,7 @@ SYSTEM_PACKAGES := chromium redis-server
 
 NODE_STAMP := frontend/node_modules/.installed
 
-.PHONY: run run-cluster test lint pytest venv frontend system-deps clean
+.PHONY: run run-cluster bench test lint pytest venv frontend system-deps clean
 
 run: venv frontend
 	$(PY) -m backend
@@ -29,6 +29,13 @@ run-cluster: venv frontend
 	wait $$a $$b
 
 test: venv frontend system-deps lint pytest
+
+# The benchmark: tokenwire against a bare websockets server and python-socketio, every
+# figure in one run, into bench/results/ (results.md and PNGs). A full run takes a while;
+# e.g. `make bench BENCH_ARGS="--only throughput,latency --repeat 1"`.
+BENCH_ARGS ?=
+bench: venv frontend system-deps
+	$(PY) -m bench $(BENCH_ARGS)
 
 venv: $(STAMP)
 
