@@ -38,7 +38,13 @@ from backend.protocol import FrameError
 from backend.providers import ClockProvider, DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
 from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, TokenQuota
-from backend.security import BearerTokens, Identity, identity_middleware, origin_middleware
+from backend.security import (
+    BearerTokens,
+    Identity,
+    identity_middleware,
+    origin_middleware,
+    security_headers_middleware,
+)
 from backend.settings import Settings
 from backend.streams import MemoryStreamLog, StreamLog
 from backend.streams.redis import RedisStreamLog
@@ -255,6 +261,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[
             # Outermost first: every response, refusals included, carries its request id.
             request_id_middleware,
+            security_headers_middleware,
             origin_middleware(settings.allowed_origins),
             identity_middleware(
                 identity, settings.cookie_secure, BearerTokens(settings.api_tokens)

@@ -225,3 +225,31 @@ def origin_middleware(allowed: Iterable[str]) -> Callable[[ASGIApp], ASGIApp]:
         return wrapped
 
     return middleware
+
+
+# On every HTTP response. Deliberately no script policy: PyScript needs eval and WASM, so a
+# Content-Security-Policy beyond `frame-ancestors` would be mostly exceptions.
+SECURITY_HEADERS: Final = (
+    (b"x-content-type-options", b"nosniff"),  # a JSON error is never run as a script or page
+    (b"x-frame-options", b"DENY"),  # no other site may frame the chat page (clickjacking)
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"referrer-policy", b"same-origin"),
+)
+
+
+def security_headers_middleware(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: adds `SECURITY_HEADERS` to every HTTP response."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope["type"]) != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*(message.get("headers") or []), *SECURITY_HEADERS]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return wrapped

@@ -443,3 +443,26 @@ async def test_a_message_beyond_the_hard_limit_closes_with_1009(server: Server) 
     stream, _ = await start_chat(bystander, "still here")
     assert (await bystander.until_end(stream)).end is not None
     await bystander.close()
+
+
+# ---- response headers ------------------------------------------------------------------------
+
+
+async def test_every_http_response_carries_the_security_headers(server: Server) -> None:
+    expected = {
+        "x-content-type-options": "nosniff",
+        "x-frame-options": "DENY",
+        "content-security-policy": "frame-ancestors 'none'",
+        "referrer-policy": "same-origin",
+    }
+    async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+        responses = [
+            await http.get("/"),
+            await http.get("/api/conversations"),
+            await http.get("/no/such/route"),
+            await http.post("/api/chat", content=b"{"),
+            await http.post("/api/chat", json={}, headers={"Origin": "https://evil.example"}),
+        ]
+    assert [r.status_code for r in responses] == [200, 200, 404, 400, 403]
+    for response in responses:
+        assert {k: response.headers.get(k) for k in expected} == expected, response.url
