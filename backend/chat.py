@@ -58,6 +58,9 @@ PROVIDER_ERROR_MESSAGE: Final = "the model failed to answer; retry"
 PRODUCER_LOST_MESSAGE: Final = "the server generating this answer stopped; retry"
 # Failures of the shared storage (Redis, or the SQLite file's disk): retryable for clients.
 STORAGE_ERRORS: Final = (RedisError, OSError, TimeoutError)
+# Seconds between charges of the running answers' tokens to their users' quotas: one write
+# per user with answers running, per node, this often.
+QUOTA_CHARGE_INTERVAL: Final = 1.0
 
 
 def _unavailable(id: str | None) -> ErrorFrame:
@@ -100,6 +103,7 @@ class _Generation:
     stop: str | None = None
     seq: int = 0
     parts: list[str] = field(default_factory=list)
+    charged: int = 0  # of its `seq` tokens, those counted against the user's quota
 
 
 def _stop(gen: _Generation, why: str) -> None:
@@ -156,6 +160,7 @@ class ChatService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._renewer: asyncio.Task[None] | None = None
+        self._charger: asyncio.Task[None] | None = None
         self._node_subscription: Subscription | None = None
         self.generations_started = 0
         self.producers_lost = 0
@@ -166,6 +171,10 @@ class ChatService:
             node_channel(self.node), self._on_node_event
         )
         self._renewer = asyncio.create_task(self._renew_leases(), name="lease renewal")
+        if self.quota is not None:
+            self._charger = asyncio.create_task(
+                self._charge_running(self.quota), name="quota charges"
+            )
 
     @property
     def active_streams(self) -> int:
@@ -329,9 +338,10 @@ class ChatService:
         """Stop every generation (the answers so far are saved as incomplete) and wait."""
         self._closing = True
         await self._stop_all()
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+        for task in (self._renewer, self._charger):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._node_subscription is not None:
             await self._node_subscription.close()
 
@@ -431,9 +441,30 @@ class ChatService:
                 log.warning("could not record the end of %s", gen.id, exc_info=True)
 
     async def _charge(self, gen: _Generation) -> None:
+        """Charge the user's quota with what `gen` generated since its last charge."""
         # `seq` is the number of tokens in the log: what was generated, however it ended.
+        # `charged` moves before the await, so a periodic charge and the final one never
+        # count the same tokens twice.
+        due, gen.charged = gen.seq - gen.charged, gen.seq
         if self.quota is not None:
-            await self.quota.charge(gen.user, gen.seq)
+            await self.quota.charge(gen.user, due)
+
+    async def _charge_running(self, quota: TokenQuota) -> None:
+        """Charge the running answers' tokens every QUOTA_CHARGE_INTERVAL, one write per
+        user: a long answer counts while it runs, so a user cannot start answer after
+        answer on a quota that only their ends would have used up."""
+        while True:
+            await asyncio.sleep(QUOTA_CHARGE_INTERVAL)
+            due: dict[str, int] = {}
+            for gen in self._running.values():
+                due[gen.user] = due.get(gen.user, 0) + gen.seq - gen.charged
+                gen.charged = gen.seq
+            for user, tokens in due.items():
+                try:
+                    await quota.charge(user, tokens)
+                except Exception:
+                    # Storage down: these tokens go uncounted (fail open, as the limits do).
+                    log.warning("could not charge the token quota of a user", exc_info=True)
 
     async def _context(self, user: str, conversation: str, id: str, text: str) -> list[ChatTurn]:
         turns: list[ChatTurn] = []

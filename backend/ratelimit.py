@@ -5,8 +5,9 @@ A bucket holds up to `burst` tokens and refills at `rate` tokens per second; a r
 `cost` tokens passes if the bucket holds that many, and otherwise learns how long until it
 would (its `retry_after`). A refused request takes nothing. The token quota is a bucket
 too, used in two steps: a new chat needs it to hold at least one token but takes nothing,
-and the tokens an answer actually generated are charged when it ends, whatever is left, so
-the bucket may go below zero: a debt that refilling pays back before the next chat passes.
+and the tokens an answer actually generated are charged as it runs and when it ends,
+whatever is left, so the bucket may go below zero: a debt that refilling pays back before
+the next chat passes.
 The arithmetic is one pure function, `spend_from_bucket`; `MemoryRateLimiter` runs it on a
 bounded dict and `RedisRateLimiter` runs the same arithmetic in one Lua script (atomic, on
 Redis's clock, so every node shares the buckets and no node's clock skew matters).
@@ -18,9 +19,10 @@ Deliberate choices a reader might want to "fix":
 - The memory limiter bounds its number of buckets; past the bound it forgets the least
   recently used one, which then starts full again. Under a flood of distinct keys this
   errs on the side of letting requests through rather than growing without bound.
-- The quota is charged when an answer ends, not token by token: one write per answer
-  instead of one per token. A user can therefore overdraw by the answers already running
-  (at most the chat burst of them); the debt is then paid back before any new chat starts.
+- The quota is charged in batches (the chat service charges each user's running answers
+  every second, and the rest when each ends), not token by token: a user can overdraw by
+  what their running answers generate meanwhile; the debt is then paid back before any
+  new chat starts. An answer already running is never cut for the quota.
 """
 
 from __future__ import annotations
@@ -231,8 +233,8 @@ class RedisRateLimiter(RateLimiter):
 class TokenQuota:
     """Each user may have `tokens` generated per `window` seconds, as a bucket of that
     capacity refilling evenly over the window. A new chat needs the bucket to hold at least
-    one token (`wait`); an answer's tokens are charged when it ends (`charge`), whatever is
-    left, so a user who overdrew waits until the debt is paid back."""
+    one token (`wait`); an answer's tokens are charged as they are generated (`charge`),
+    whatever is left, so a user who overdrew waits until the debt is paid back."""
 
     limiter: RateLimiter
     tokens: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,8 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from backend.app import Runtime
+from backend.chat import ChatError
 from backend.providers import demo_tokens
 from backend.ratelimit import (
     Bucket,
@@ -27,6 +30,7 @@ from backend.ratelimit import (
     spend_from_bucket,
     take_from_bucket,
 )
+from backend.settings import Settings
 from tests.harness import TIMEOUT, Client, Server, new_id, start_chat
 
 # ---- the pure arithmetic -------------------------------------------------------------------
@@ -375,6 +379,33 @@ async def test_a_user_over_the_token_quota_is_refused_and_others_are_not(
     finally:
         await ann.close()
         await bob.close()
+
+
+async def test_a_running_answer_counts_against_the_quota_before_it_ends(tmp_path: Path) -> None:
+    # About 800 tokens at 100 a second: the answer runs for some 8 s, and its tokens are
+    # charged every QUOTA_CHARGE_INTERVAL meanwhile, not only at its end.
+    runtime = Runtime(
+        Settings(
+            db=str(tmp_path / "history.db"),
+            token_quota=QUOTA,
+            demo_first_token_delay=0.0,
+            demo_tokens_per_second=100,
+            demo_paragraphs=10,
+        )
+    )
+    async with runtime.lifespan():
+        chat = runtime.chat
+        assert chat.quota is not None
+        await chat.start("ann", "long", "c1", "a long answer", origin="test")
+        deadline = time.monotonic() + TIMEOUT
+        while await chat.quota.wait("ann") == 0.0:
+            assert time.monotonic() < deadline, "the running answer was never charged"
+            await asyncio.sleep(0.05)
+        assert chat.active_streams == 1  # charged while it still runs
+        with pytest.raises(ChatError) as refused:
+            await chat.start("ann", "next", "c2", "another", origin="test")
+        assert (refused.value.frame.code, refused.value.frame.retryable) == ("rate_limited", True)
+        assert await chat.quota.wait("bob") == 0.0
 
 
 async def test_no_token_quota_when_it_is_zero(make_server: Callable[..., Server]) -> None:
