@@ -61,6 +61,7 @@ class Delivery:
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._subscription: Subscription | None = None
         self._progress: dict[str, float] = {}  # stream -> when it last moved here
+        self._watched: dict[str, float] = {}  # stream that never moved -> when first watched
         self._watch_task: asyncio.Task[None] | None = None
         self.stopped = False
 
@@ -196,11 +197,16 @@ class Delivery:
             await asyncio.sleep(interval)
             now = time.monotonic()
             streams = self.outbox.open_streams()
-            for stream in list(self._progress):
-                if stream not in streams:
-                    del self._progress[stream]
+            for timing in (self._progress, self._watched):
+                for stream in list(timing):
+                    if stream not in streams:
+                        del timing[stream]
             for stream in streams:
-                idle = now - self._progress.setdefault(stream, now)
+                # A stream that never moved is timed apart from `_progress`, which `_fill`
+                # reads as "this client was shown it" (else a `not_found` read while the
+                # watch ticks would be reported as `stream_expired`).
+                since = self._progress.get(stream)
+                idle = now - (self._watched.setdefault(stream, now) if since is None else since)
                 if idle < interval:
                     continue
                 running = self._fills.get(stream)

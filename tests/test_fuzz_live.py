@@ -9,6 +9,7 @@ texts were exact, no answer was a 5xx, no connection leaked and the log has no t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -133,5 +134,28 @@ async def test_resume_after_the_largest_seq_is_answered(
         await client.send(type="cancel", id="no-such-stream")
         missing = await client.until(lambda f: f["type"] == "error")
         assert (missing["code"], missing["id"]) == (NOT_FOUND, "no-such-stream")
+    finally:
+        await client.close()
+
+
+async def test_resumes_of_unknown_ids_are_not_found_while_the_watch_runs(
+    make_server: Callable[..., Server],
+) -> None:
+    # Was `stream_expired` now and then: the delivery's watch, timing every open stream,
+    # marked a stream whose first log read was still running as one this client had been
+    # shown, and the `not_found` of that read became `stream_expired`. A short lease makes
+    # the watch tick every 0.1 s, so many resumes meet it.
+    server = make_server(lease_seconds=0.2)
+    client = await Client.connect(server)
+    ids = [f"unknown-{i}" for i in range(1500)]
+    try:
+        for stream in ids:
+            await client.send(type="resume", id=stream, after=0)
+        answers: dict[str, str] = {}
+        async with asyncio.timeout(TIMEOUT):
+            while len(answers) < len(ids):
+                frame = await client.until(lambda f: f["type"] == "error")
+                answers[frame["id"]] = frame["code"]
+        assert {code for code in answers.values()} == {NOT_FOUND}
     finally:
         await client.close()
