@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -376,20 +377,23 @@ class ChatService:
         reason: DoneReason = "stop"
         end: StreamEnd | None = None
         shutting_down = False
+        started = time.monotonic()
         try:
             turns = await self._context(gen.user, gen.conversation, gen.id, text)
-            async for item in self.provider.stream(turns):
-                if isinstance(item, Finish):
-                    reason = item.reason
+            # Tokens the provider hands over together (a network read, a paced model's
+            # overdue tokens) are one append and one event: under load a generation falls
+            # behind its provider, and its cost then stays per batch, not per token.
+            async for batch in self.provider.batches(turns):
+                if isinstance(batch, Finish):
+                    reason = batch.reason
                     break
-                if gen.seq >= self.max_tokens:
+                room = self.max_tokens - gen.seq
+                if len(batch) > room:
+                    if room > 0:
+                        await self._emit(gen, key, batch[:room], started)
                     reason = "length"
                     break
-                gen.seq = await self.log.append(key, (item,))
-                gen.parts.append(item)
-                await self.broker.publish(
-                    user_channel(gen.user), TokenFrame(id=gen.id, seq=gen.seq, data=item)
-                )
+                await self._emit(gen, key, batch, started)
                 if gen.stop is not None:
                     raise asyncio.CancelledError
             end = DoneFrame(id=gen.id, seq=gen.seq, reason=reason)
@@ -410,9 +414,23 @@ class ChatService:
             self._running.pop(key, None)
             if end is None:  # BaseException other than cancellation: still end the stream
                 end = error_frame(PROVIDER_ERROR, PROVIDER_ERROR_MESSAGE, gen.id)
+            if isinstance(end, ErrorFrame) and end.code == PROVIDER_ERROR:
+                self.metrics.provider_errors += 1
             await self._end(gen, end)
         if shutting_down:
             raise asyncio.CancelledError
+
+    async def _emit(self, gen: _Generation, key: str, tokens: list[str], started: float) -> None:
+        """Append `tokens` to the log, then announce them as one event (`n` tokens)."""
+        if gen.seq == 0:
+            self.metrics.first_token_seconds.observe(time.monotonic() - started)
+        gen.seq = await self.log.append(key, tokens)
+        gen.parts += tokens
+        self.metrics.tokens_generated += len(tokens)
+        data = tokens[0] if len(tokens) == 1 else "".join(tokens)
+        await self.broker.publish(
+            user_channel(gen.user), TokenFrame(id=gen.id, seq=gen.seq, data=data, n=len(tokens))
+        )
 
     async def _end(self, gen: _Generation, end: StreamEnd) -> None:
         key = stream_key(gen.user, gen.id)

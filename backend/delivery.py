@@ -24,6 +24,7 @@ from types import TracebackType
 
 from backend.broker import Broker, Event, StreamEnded, Subscription, UserMessage, user_channel
 from backend.chat import ChatError, ChatService
+from backend.flush import ticker
 from backend.outbox import Offer, Outbox
 from backend.protocol import NOT_FOUND, STREAM_EXPIRED, ServerFrame, TokenFrame, error_frame
 from backend.streams.base import DEFAULT_READ_LIMIT
@@ -116,6 +117,10 @@ class Delivery:
             if frame is not None:
                 if self.outbox.has_room_for_fill:
                     self._room.set()
+                if type(frame) is TokenFrame:
+                    metrics = self.chat.metrics
+                    metrics.token_frames_sent += 1
+                    metrics.tokens_sent += frame.n
                 return frame
             self._wake.clear()
             await self._wake.wait()
@@ -136,7 +141,7 @@ class Delivery:
         if self._only_stream is not None and event.id != self._only_stream:
             return
         if isinstance(event, TokenFrame):
-            offer = self.outbox.offer_token(event.id, event.seq, event.data)
+            offer = self.outbox.offer_token(event.id, event.seq, event.data, event.n)
         elif isinstance(event, StreamEnded):
             offer = self.outbox.offer_end(event.id, event.seq, event.frame)
         else:
@@ -144,7 +149,7 @@ class Delivery:
         self._progress[event.id] = time.monotonic()
         if offer is Offer.GAP:
             self._start_fill(event.id)
-        self._after_queue()
+        self._after_queue(joinable=True)
 
     def _start_fill(self, stream: str) -> None:
         running = self._fills.get(stream)
@@ -217,10 +222,15 @@ class Delivery:
                 if idle >= producer_silence:
                     await self.chat.check_producer(self.user, stream)
 
-    def _after_queue(self) -> None:
+    def _after_queue(self, joinable: bool = False) -> None:
+        """Wake the sender; `joinable`: what was queued is live tokens or an end, which may
+        wait for the process's flush tick under load (`backend.flush`)."""
         if self.outbox.overflowed:
             # Nothing more is queued once the transport is told: memory stays bounded.
             self.stop()
             self._on_overflow()
             return
-        self._wake.set()
+        if joinable:
+            ticker().wake(self._wake)
+        else:
+            self._wake.set()

@@ -44,6 +44,7 @@ class _Entry:
     frame: ServerFrame | None  # None for a token entry, built on pop from `parts`
     parts: list[str] = field(default_factory=list)
     seq: int = 0
+    n: int = 0  # tokens in `parts` (a part may hold several: a joined live event)
     size: int = 0
 
 
@@ -114,10 +115,11 @@ class Outbox:
         self._streams[stream] = _Stream(last=after, filling=True, held=after)
         self._forget_ended()
 
-    def offer_token(self, stream: str, seq: int, data: str) -> Offer:
+    def offer_token(self, stream: str, seq: int, data: str, n: int = 1) -> Offer:
+        """A live event of `n` tokens joined in `data`, the last of them `seq`."""
         state = self._streams.get(stream)
         if state is None:
-            if seq != 1:
+            if seq != n:
                 # A stream that began before this connection knew of it: the client asks
                 # for it with `resume`. Forwarding it from here would race that resume and
                 # make the client see overlapping frames.
@@ -130,10 +132,12 @@ class Outbox:
             return Offer.HELD
         if seq <= state.last:
             return Offer.DUPLICATE
-        if seq > state.last + 1:
+        if seq - n != state.last:
+            # A hole before it, or an event that overlaps what was queued (the joined text
+            # cannot be cut at token boundaries): the log has the tokens one by one.
             state.filling, state.held = True, seq
             return Offer.GAP
-        self._queue_tokens(stream, state, [data], seq)
+        self._queue_tokens(stream, state, (data,), seq, n, len(data))
         return Offer.QUEUED
 
     def offer_end(self, stream: str, seq: int, frame: StreamEnd) -> Offer:
@@ -158,7 +162,9 @@ class Outbox:
         read reached the stream's end."""
         state = self._streams[stream]
         if tokens:
-            self._queue_tokens(stream, state, tokens, state.last + len(tokens), join=False)
+            count = len(tokens)
+            size = sum(map(len, tokens))
+            self._queue_tokens(stream, state, tokens, state.last + count, count, size, join=False)
         if end is not None:
             self._queue_end(stream, state, end)
 
@@ -211,25 +217,33 @@ class Outbox:
             state = self._streams.get(entry.stream)
             if state is not None and state.tail is entry:
                 state.tail = None
-            return TokenFrame(
-                id=entry.stream, seq=entry.seq, data="".join(entry.parts), n=len(entry.parts)
-            )
+            parts = entry.parts
+            data = parts[0] if len(parts) == 1 else "".join(parts)
+            return TokenFrame(id=entry.stream, seq=entry.seq, data=data, n=entry.n)
         return None
 
     # ---- internals ---------------------------------------------------------------------
 
     def _queue_tokens(
-        self, stream: str, state: _Stream, tokens: Sequence[str], seq: int, join: bool = True
+        self,
+        stream: str,
+        state: _Stream,
+        parts: Sequence[str],
+        seq: int,
+        count: int,
+        size: int,
+        join: bool = True,
     ) -> None:
-        size = sum(len(t) for t in tokens)
+        """Queue `count` tokens, the last `seq`, as `parts` of `size` characters in all."""
         entry = state.tail if join else None
         if entry is None:
             entry = _Entry(stream=stream, frame=None, size=FRAME_OVERHEAD)
             self._append(entry)
             state.tail = entry
             self.pending_bytes += FRAME_OVERHEAD
-        entry.parts.extend(tokens)
+        entry.parts.extend(parts)
         entry.seq = seq
+        entry.n += count
         entry.size += size
         state.last = seq
         self.pending_bytes += size

@@ -56,10 +56,13 @@ class Start:
 
 @dataclass(frozen=True)
 class Token:
+    """A live event of `n` tokens joined in `data`, the last `seq`."""
+
     stream: str
     seq: int
     data: str
     offer: Offer
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,61 @@ EXPIRED = error_frame(STREAM_EXPIRED, "the stream's log expired", S)
 Q, DUP, GAP, HELD, IGN = Offer.QUEUED, Offer.DUPLICATE, Offer.GAP, Offer.HELD, Offer.IGNORED
 
 SCRIPTS = [
+    pytest.param(
+        [
+            Start(S),
+            Token(S, 2, "ab", Q, n=2),
+            Token(S, 3, "c", Q),
+            Token(S, 6, "def", Q, n=3),
+            pop(tok(6, "abcdef", 6)),
+        ],
+        id="joined-events-join-further",
+    ),
+    pytest.param(
+        [
+            Start(S),
+            Token(S, 2, "ab", Q, n=2),
+            pop(tok(2, "ab", 2)),
+            Token(S, 2, "ab", DUP, n=2),
+            Token(S, 1, "a", DUP),
+            Token(S, 4, "cd", Q, n=2),
+            pop(tok(4, "cd", 2)),
+        ],
+        id="joined-duplicates-dropped",
+    ),
+    pytest.param(
+        [
+            Start(S),
+            Token(S, 2, "ab", Q, n=2),
+            pop(tok(2, "ab", 2)),
+            # Overlaps what was sent (2..3 after 2): its text cannot be cut, read the log.
+            Token(S, 3, "bc", GAP, n=2),
+            fill(S, ["c"], None, caught_up=True),
+            pop(tok(3, "c")),
+        ],
+        id="joined-overlap-is-read-from-the-log",
+    ),
+    pytest.param(
+        [
+            Start(S),
+            Token(S, 1, "a", Q),
+            Token(S, 5, "de", GAP, n=2),  # 4..5 after 1: 2..3 are missing
+            Token(S, 7, "fg", HELD, n=2),
+            fill(S, ["b", "c", "d", "e", "f", "g"], None, caught_up=True),
+            pop(tok(1, "a"), tok(7, "bcdefg", 6)),
+        ],
+        id="joined-gap-then-fill",
+    ),
+    pytest.param(
+        [
+            # A stream this connection never heard of: its first event (seqs 1..2) starts
+            # it; an event that does not start at seq 1 is left to a resume.
+            Token(T, 2, "ab", Q, n=2),
+            Token(U, 3, "bc", IGN, n=2),
+            pop(tok(2, "ab", 2, id=T)),
+        ],
+        id="joined-first-event-of-an-unknown-stream",
+    ),
     pytest.param(
         [
             Start(S),
@@ -366,8 +424,8 @@ def run(outbox: Outbox, step: Step) -> None:
         case Start(stream, after):
             outbox.follow(stream, after)
             assert outbox.finish_fill(stream) is True
-        case Token(stream, seq, data, offer):
-            assert outbox.offer_token(stream, seq, data) is offer, step
+        case Token(stream, seq, data, offer, n):
+            assert outbox.offer_token(stream, seq, data, n) is offer, step
         case End(stream, seq, frame, offer):
             assert outbox.offer_end(stream, seq, frame) is offer, step
         case Follow(stream, after):
@@ -473,7 +531,8 @@ class Shell:
     produced: int
     finished: bool
     outbox: Outbox
-    live: list[tuple[int, bool]]  # (seq, is_end) published and not yet delivered
+    # (seq, n, is_end) published and not yet delivered: an event of tokens seq-n+1 .. seq
+    live: list[tuple[int, int, bool]]
     client_last: int
     popped: list[ServerFrame]
     filling: bool = False
@@ -494,16 +553,18 @@ class Shell:
 
     def produce(self) -> None:
         if self.produced < len(self.text):
-            self.produced += 1
-            self.live.append((self.produced, False))
+            # The generation joins the tokens it had at once into one event.
+            n = self.rng.randint(1, min(3, len(self.text) - self.produced))
+            self.produced += n
+            self.live.append((self.produced, n, False))
         else:
             self.finished = True
-            self.live.append((self.produced, True))
+            self.live.append((self.produced, 0, True))
 
     def deliver(self) -> None:
         # Mostly the oldest event; sometimes a later one overtakes it.
         index = 0 if self.rng.random() < 0.7 else self.rng.randrange(len(self.live))
-        seq, is_end = self.live[index]
+        seq, n, is_end = self.live[index]
         fate = self.rng.random()
         if fate < 0.1 and not is_end:
             del self.live[index]  # lost (a lost `done` is not the outbox's to recover)
@@ -513,7 +574,7 @@ class Shell:
         if is_end:
             offer = self.outbox.offer_end(S, seq, self.end)
         else:
-            offer = self.outbox.offer_token(S, seq, self.text[seq - 1])
+            offer = self.outbox.offer_token(S, seq, "".join(self.text[seq - n : seq]), n)
         if offer is Offer.GAP:
             self.filling = True
 
@@ -566,6 +627,16 @@ class Shell:
         self.finish_read()
 
 
+def batches(rng: random.Random, count: int) -> list[tuple[int, int, bool]]:
+    """Live events of tokens 1 .. count, joined by 1 to 3."""
+    events, seq = [], 0
+    while seq < count:
+        n = rng.randint(1, min(3, count - seq))
+        seq += n
+        events.append((seq, n, False))
+    return events
+
+
 def simulate(seed: int, reads_in_flight: bool) -> tuple[list[ServerFrame], list[str], int]:
     """Returns the frames popped, the stream's text, and where the client first followed."""
     rng = random.Random(seed)
@@ -580,12 +651,12 @@ def simulate(seed: int, reads_in_flight: bool) -> tuple[list[ServerFrame], list[
         finished=produced == len(text) and rng.random() < 0.5,
         outbox=Outbox(max_bytes=BIG),
         # Events of tokens produced before the client came may still be on their way.
-        live=[(seq, False) for seq in range(1, produced + 1) if rng.random() < 0.5],
+        live=[event for event in batches(rng, produced) if rng.random() < 0.5],
         client_last=first_after,
         popped=[],
     )
     if shell.finished:
-        shell.live.append((produced, True))
+        shell.live.append((produced, 0, True))
     shell.follow(first_after)
     for _ in range(100_000):
         if not shell.step():

@@ -8,7 +8,7 @@ import itertools
 import re
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -23,6 +23,7 @@ from backend.providers import (
     DemoProvider,
     Finish,
     OpenAIProvider,
+    Provider,
     ProviderError,
     demo_reply,
     demo_tokens,
@@ -315,6 +316,91 @@ async def test_clock_provider_through_the_server(make_server: Callable[..., Serv
     assert times == sorted(times) and times[-1] <= received
 
 
+# ---- batches: tokens handed over together --------------------------------------------------
+
+
+async def collect_batches(
+    stream: AsyncIterator[list[str] | Finish], pause: float = 0.0
+) -> list[list[str] | Finish]:
+    """Every batch; `pause` seconds of (blocking) work after each, like a busy node."""
+    items: list[list[str] | Finish] = []
+    async with asyncio.timeout(TIMEOUT):
+        async for item in stream:
+            items.append(item)
+            if pause:
+                time.sleep(pause)  # noqa: ASYNC251 (blocking on purpose: a busy loop)
+    return items
+
+
+def tokens_of(items: list[list[str] | Finish]) -> list[str]:
+    return [token for item in items if not isinstance(item, Finish) for token in item]
+
+
+async def test_demo_batches_are_the_tokens_grouped() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=0, paragraphs=20)
+    items = await collect_batches(provider.batches(user("batch me")))
+    assert items[-1] == Finish("stop")
+    assert tokens_of(items) == demo_tokens("batch me", 20)
+    batches = [item for item in items if not isinstance(item, Finish)]
+    # Unpaced: everything is due at once, handed over in runs of at most 64.
+    assert all(1 <= len(batch) <= 64 for batch in batches)
+    assert max(len(batch) for batch in batches) == 64
+
+
+async def test_a_paced_provider_hands_over_overdue_tokens_together() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=1000, paragraphs=1)
+    # Each batch is followed by 10 ms of blocking work: about 10 tokens fall due meanwhile.
+    items = await collect_batches(provider.batches(user("slow consumer")), pause=0.01)
+    assert tokens_of(items) == demo_tokens("slow consumer", 1)
+    sizes = [len(item) for item in items if not isinstance(item, Finish)]
+    assert max(sizes) >= 5, sizes
+
+
+async def test_a_paced_provider_that_keeps_up_hands_over_one_token_at_a_time() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=100, paragraphs=0)
+    items = await collect_batches(provider.batches(user("keeping up")))
+    sizes = [len(item) for item in items if not isinstance(item, Finish)]
+    # 10 ms between tokens and a consumer that does nothing: one token per batch, with
+    # the odd pair when this machine's event loop was late.
+    assert sum(sizes) == len(demo_tokens("keeping up", 0))
+    assert sizes.count(1) >= len(sizes) // 2, sizes
+
+
+async def test_demo_batches_fail_like_the_stream() -> None:
+    provider = DemoProvider(first_token_delay=0, tokens_per_second=0)
+    items: list[list[str] | Finish] = []
+    with pytest.raises(ProviderError, match="on purpose"):
+        async with asyncio.timeout(TIMEOUT):
+            async for item in provider.batches(user("/fail batch")):
+                items.append(item)
+    assert tokens_of(items) == demo_tokens("/fail batch")[:5]
+
+
+async def test_clock_batches_carry_one_production_time_per_batch() -> None:
+    provider = ClockProvider(first_token_delay=0, tokens_per_second=1000, paragraphs=1)
+    items = await collect_batches(provider.batches(user("clock batch")), pause=0.01)
+    assert items[-1] == Finish("stop")
+    batches = [item for item in items if not isinstance(item, Finish)]
+    assert sum(map(len, batches)) == len(demo_tokens("clock batch", 1))
+    for batch in batches:
+        assert len(set(batch)) == 1  # produced together
+    assert clock_times(tokens_of(items)) == sorted(clock_times(tokens_of(items)))
+    assert max(map(len, batches)) >= 5
+
+
+async def test_default_batches_are_one_token_each() -> None:
+    class Plain(Provider):
+        name = "plain"
+
+        async def stream(self, turns: Sequence[ChatTurn]) -> AsyncIterator[str | Finish]:
+            for token in ("a", "b", "c"):
+                yield token
+            yield Finish("length")
+
+    items = await collect_batches(Plain().batches(user("x")))
+    assert items == [["a"], ["b"], ["c"], Finish("length")]
+
+
 # ---- SSEParser -------------------------------------------------------------------------------
 
 SSE_CASES = [
@@ -528,3 +614,28 @@ def test_openai_validates_arguments(kwargs: dict[str, Any], match: str) -> None:
     }
     with pytest.raises(ValueError, match=match):
         OpenAIProvider(**arguments)
+
+
+@pytest.mark.parametrize("model", ["normal", "normal-split", "no-done"])
+async def test_openai_batches_hold_the_same_tokens(upstream: FakeOpenAI, model: str) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=None, model=model)
+    try:
+        items = await collect_batches(provider.batches(TURNS))
+    finally:
+        await provider.aclose()
+    assert items[-1] == Finish("stop")
+    assert tokens_of(items) == HELLO_TOKENS
+    assert all(item for item in items[:-1])  # no empty batch
+
+
+async def test_openai_batches_keep_the_tokens_before_a_bad_chunk(upstream: FakeOpenAI) -> None:
+    provider = OpenAIProvider(base_url=upstream.base_url, api_key=None, model="malformed")
+    items: list[list[str] | Finish] = []
+    try:
+        with pytest.raises(ProviderError, match="malformed stream chunk"):
+            async with asyncio.timeout(TIMEOUT):
+                async for item in provider.batches(TURNS):
+                    items.append(item)
+    finally:
+        await provider.aclose()
+    assert tokens_of(items) == HELLO_TOKENS[:1]

@@ -37,5 +37,20 @@ class Provider(ABC):
     @abstractmethod
     def stream(self, turns: Sequence[ChatTurn]) -> AsyncIterator[str | Finish]: ...
 
+    def batches(self, turns: Sequence[ChatTurn]) -> AsyncIterator[list[str] | Finish]:
+        """The tokens of `stream`, grouped: each list (never empty) holds the tokens that
+        were ready at the same moment (one network read, a paced model's overdue tokens).
+
+        The chat service appends and publishes each list at once, so a provider that hands
+        over several tokens together costs one log append and one broker event for them.
+        Same contract as `stream` otherwise. The default makes one list per token.
+        """
+        return _one_by_one(self.stream(turns))
+
     async def aclose(self) -> None:
         """Release connections and other resources; the default has none."""
+
+
+async def _one_by_one(stream: AsyncIterator[str | Finish]) -> AsyncIterator[list[str] | Finish]:
+    async for item in stream:
+        yield item if isinstance(item, Finish) else [item]

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from backend.protocol import ChatTurn
 from backend.providers.base import Finish
-from backend.providers.demo import DemoProvider, _last_user_prompt, demo_tokens
+from backend.providers.demo import DemoProvider, _last_user_prompt, cached_demo_tokens
 
 
 def clock_token() -> str:
@@ -33,9 +33,18 @@ class ClockProvider(DemoProvider):
     name = "clock"
 
     async def stream(self, turns: Sequence[ChatTurn]) -> AsyncIterator[str | Finish]:
-        count = len(demo_tokens(_last_user_prompt(turns), self.paragraphs))
-        async for _ in self.paced(count):
-            # Read the clock only now, after any wait for the due time: the token is
-            # produced at the moment it is handed over.
-            yield clock_token()
+        async for due in self.paced(self._count(turns)):
+            for _ in due:
+                # Read the clock only now, after any wait for the due time: the token is
+                # produced at the moment it is handed over.
+                yield clock_token()
         yield Finish("stop")
+
+    async def batches(self, turns: Sequence[ChatTurn]) -> AsyncIterator[list[str] | Finish]:
+        async for due in self.paced(self._count(turns)):
+            # Overdue tokens are handed over together, so they are produced together.
+            yield [clock_token()] * len(due)
+        yield Finish("stop")
+
+    def _count(self, turns: Sequence[ChatTurn]) -> int:
+        return len(cached_demo_tokens(_last_user_prompt(turns), self.paragraphs))

@@ -22,6 +22,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import random
@@ -282,6 +283,17 @@ def demo_tokens(prompt: str, paragraphs: int = DEFAULT_PARAGRAPHS) -> list[str]:
     return tokens
 
 
+# Load tests send the same prompt thousands of times, and cutting a long answer costs
+# milliseconds: keep the last few answers (bounded: at most `_CACHED_ANSWERS` of them).
+_CACHED_ANSWERS: Final = 8
+
+
+@functools.lru_cache(maxsize=_CACHED_ANSWERS)
+def cached_demo_tokens(prompt: str, paragraphs: int) -> tuple[str, ...]:
+    """`demo_tokens(prompt, paragraphs)`, computed once for repeated prompts."""
+    return tuple(demo_tokens(prompt, paragraphs))
+
+
 def _last_user_prompt(turns: Sequence[ChatTurn]) -> str:
     for turn in reversed(turns):
         if turn.role == "user":
@@ -321,35 +333,55 @@ class DemoProvider(Provider):
         self.paragraphs = paragraphs
 
     async def stream(self, turns: Sequence[ChatTurn]) -> AsyncIterator[str | Finish]:
-        prompt = _last_user_prompt(turns)
-        tokens = demo_tokens(prompt, self.paragraphs)
-        fail = prompt.startswith(FAIL_PREFIX)
-        if fail:
-            tokens = tokens[:FAIL_AFTER_TOKENS]
-        async for index in self.paced(len(tokens)):
-            yield tokens[index]
+        tokens, fail = self._answer(turns)
+        async for due in self.paced(len(tokens)):
+            for index in due:
+                yield tokens[index]
         if fail:
             raise ProviderError(FAIL_MESSAGE)
         yield Finish("stop")
 
-    async def paced(self, count: int) -> AsyncIterator[int]:
-        """Yields 0 .. count - 1, each at its due time (`first_token_delay`, then the pace)."""
+    async def batches(self, turns: Sequence[ChatTurn]) -> AsyncIterator[list[str] | Finish]:
+        tokens, fail = self._answer(turns)
+        async for due in self.paced(len(tokens)):
+            yield list(tokens[due.start : due.stop])
+        if fail:
+            raise ProviderError(FAIL_MESSAGE)
+        yield Finish("stop")
+
+    def _answer(self, turns: Sequence[ChatTurn]) -> tuple[Sequence[str], bool]:
+        """The tokens to send, and whether to fail after them."""
+        prompt = _last_user_prompt(turns)
+        tokens = cached_demo_tokens(prompt, self.paragraphs)
+        fail = prompt.startswith(FAIL_PREFIX)
+        return (tokens[:FAIL_AFTER_TOKENS] if fail else tokens), fail
+
+    async def paced(self, count: int) -> AsyncIterator[range]:
+        """Token indices 0 .. count - 1 in runs, each run once all of its tokens are due
+        (`first_token_delay`, then one every 1 / `tokens_per_second` seconds).
+
+        A run holds every token due by now (at most `_YIELD_EVERY`): one when the loop
+        keeps up, the overdue ones together when it fell behind.
+        """
         loop = asyncio.get_running_loop()
         start = loop.time() + self.first_token_delay
         interval = 1.0 / self.tokens_per_second if self.tokens_per_second > 0 else 0.0
         # The first token is due at `start` even without pacing.
         await asyncio.sleep(self.first_token_delay)
-        unslept = 0
-        for index in range(count):
-            # Due times count from `start`, not from the previous token, so time spent in the
-            # consumer or the event loop never accumulates as drift; when behind, the loop
-            # yields the overdue tokens back to back.
-            wait = start + index * interval - loop.time() if interval else 0.0
-            if wait > 0:
-                await asyncio.sleep(wait)
-                unslept = 0
-            elif unslept >= _YIELD_EVERY:
+        index = 0
+        while index < count:
+            due = count
+            if interval:
+                # Due times count from `start`, not from the previous token, so time spent
+                # in the consumer or the event loop never accumulates as drift.
+                wait = start + index * interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                due = max(index + 1, int((loop.time() - start) / interval) + 1)
+            end = min(due, count, index + _YIELD_EVERY)
+            yield range(index, end)
+            index = end
+            if index < count and end < due:
+                # More is due at once: hand control back to the event loop first so one
+                # fast stream cannot starve every other connection on the node.
                 await asyncio.sleep(0)
-                unslept = 0
-            unslept += 1
-            yield index

@@ -189,6 +189,15 @@ class OpenAIProvider(Provider):
             await self._client.aclose()
 
     async def stream(self, turns: Sequence[ChatTurn]) -> AsyncIterator[str | Finish]:
+        async for batch in self.batches(turns):
+            if isinstance(batch, Finish):
+                yield batch
+            else:
+                for token in batch:
+                    yield token
+
+    async def batches(self, turns: Sequence[ChatTurn]) -> AsyncIterator[list[str] | Finish]:
+        # One list per network read: the chunks that arrived together are one append.
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self._api_key is not None:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -204,15 +213,25 @@ class OpenAIProvider(Provider):
                 parser = SSEParser()
                 reason: DoneReason | None = None
                 async for data in response.aiter_bytes():
+                    batch: list[str] = []
                     for event in parser.feed(data):
                         if event.strip() == _DONE:
+                            if batch:
+                                yield batch
                             yield Finish(reason or "stop")
                             return
-                        content, finish = self._parse_chunk(event)
+                        try:
+                            content, finish = self._parse_chunk(event)
+                        except ProviderError:
+                            if batch:
+                                yield batch  # what came before the bad chunk is kept
+                            raise
                         if content:
-                            yield content
+                            batch.append(content)
                         if finish is not None:
                             reason = finish
+                    if batch:
+                        yield batch
         # `from exc` keeps the cause in server logs; only `str()` of the ProviderError, which
         # is built from fixed text, reaches a user.
         except httpx.TimeoutException as exc:
