@@ -165,6 +165,7 @@ class ChatService:
         self._node_subscription: Subscription | None = None
         self.generations_started = 0
         self.producers_lost = 0
+        self._accepting: set[asyncio.Task[Accepted]] = set()  # see `start`
 
     async def open(self) -> None:
         """Listen for cancels routed to this node; keep this node's leases alive."""
@@ -187,9 +188,26 @@ class ChatService:
         self, user: str, id: str, conversation: str, text: str, origin: str
     ) -> Accepted:
         """Accept a chat: a new id generates; a repeat is `Accepted(new=False)` to replay;
-        the same id with other content raises `ChatError(conflict)`."""
+        the same id with other content raises `ChatError(conflict)`. The acceptance runs to
+        its end even if the caller is cancelled (its client left meanwhile)."""
         if self._closing:
             raise ChatError(error_frame(SHUTTING_DOWN, "the server is shutting down; retry", id))
+        # A task of the service's own, shielded from the caller: cut between claiming the id
+        # and starting the generation, the id would stay claimed with nothing generating it,
+        # and the client's repeat of the same chat would replay a stream that never comes.
+        task = asyncio.create_task(self._accept(user, id, conversation, text, origin))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepted)
+        return await asyncio.shield(task)
+
+    def _accepted(self, task: asyncio.Task[Accepted]) -> None:
+        self._accepting.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left never reads it
+
+    async def _accept(
+        self, user: str, id: str, conversation: str, text: str, origin: str
+    ) -> Accepted:
         try:
             return await self._start(user, id, conversation, text, origin)
         except STORAGE_ERRORS:
@@ -202,20 +220,25 @@ class ChatService:
         # Only new chats count: a replay costs no generation. The checks come before the
         # claim, so a refused chat leaves no claim behind and its retry is new again. The
         # quota first: it takes nothing, so a chat it refuses costs no chat-rate token.
-        if not await self.registry.known(user, id):
+        key = stream_key(user, id)
+        fresh = not await self.registry.known(user, id)
+        if fresh:
             if self.quota is not None and (wait := await self.quota.wait(user)) > 0:
                 raise self._rate_limited(id, "token quota used up", wait)
             wait = await self.limiter.take(f"chat:{user}", self.chat_rate, self.chat_burst)
             if wait > 0:
                 raise self._rate_limited(id, "too many new chats", wait)
+            # The log exists before the claim: a repeat that finds the claim (on any node,
+            # while this acceptance goes on) replays the log instead of finding none and
+            # answering `stream_expired`. Creating is idempotent for a running stream.
+            await self.log.create(key)
         claim = await self.registry.claim(user, id, fingerprint(conversation, text))
         if claim is Claim.CONFLICT:
             raise ChatError(_conflict(id))
         if claim is Claim.SAME:
             return Accepted(id, conversation, new=False)
-        key = stream_key(user, id)
-        # The log exists before anything else awaits, so a concurrent repeat can replay it.
-        await self.log.create(key)
+        if not fresh:
+            await self.log.create(key)  # the claim expired between `known` and `claim`
         if not await self.history.add_user_message(user, conversation, id, text):
             # Seen before this process's claims (e.g. before a restart): never generate twice.
             stored = await self.history.get_user_message(user, id)

@@ -12,32 +12,43 @@ loop in its own thread. The test drives it from the outside:
   at all reaches the page; only an application heartbeat can find it.
 - `heal()` forwards again. Bytes held during a black hole are delivered then, as TCP
   retransmission would after a real outage.
+- `start_chaos(rate, seconds)` cuts single connections picked at random, at random times
+  (`rate` cuts per second on average), for at most `seconds`, while every other
+  connection and new ones go on working: a FIN or a RST, and in a share of the cuts only a
+  prefix of the next bytes from the server gets through before the cut, so the client sees
+  a WebSocket frame broken off in its middle. `stop_chaos()` ends it and returns how many
+  cuts of each kind were made (`cuts`).
 
-Bounded: at most `MAX_CONNECTIONS` at once (more are reset), reads of `CHUNK` bytes, and
-every call from the test waits at most `CALL_TIMEOUT`.
+Bounded: at most `max_connections` at once (more are reset), reads of `CHUNK` bytes, cuts
+for at most the `seconds` given, and every call from the test waits at most `CALL_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 MAX_CONNECTIONS: Final = 64
 CHUNK: Final = 64 * 1024
 CALL_TIMEOUT: Final = 10.0
 CONNECT_TIMEOUT: Final = 5.0
+# A mid-frame cut waits for the server's next bytes at most this long, then cuts anyway.
+MID_FRAME_WAIT: Final = 0.5
 
 FORWARDING: Final = "forwarding"
 REFUSING: Final = "refusing"  # after a cut: the server looks down
 BLACK_HOLE: Final = "black hole"
 
 Cut = Literal["fin", "rst"]
+T = TypeVar("T")
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -56,18 +67,26 @@ class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set by a mid-frame cut: the next bytes from the server are cut short, then this cut.
+    cut_mid_frame: Cut | None = None
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [w for w in (self.client, self.upstream) if w is not None]
 
 
 class TcpProxy:
-    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_port: int, host: str = "127.0.0.1", max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self.host = host
         self.upstream_port = upstream_port
+        self.max_connections = max_connections
         self.port = 0
         self.state = FORWARDING
         self.accepted = 0  # connections accepted so far, for tests that count reconnects
+        # Single connections cut by the chaos, per kind: "fin", "rst", "fin mid-frame", ...
+        self.cuts: Counter[str] = Counter()
+        self._chaos: asyncio.Task[None] | None = None
         self._links: set[_Link] = set()
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
         self._loop = asyncio.new_event_loop()
@@ -105,14 +124,37 @@ class TcpProxy:
     def heal(self) -> None:
         self._call(self._set(FORWARDING))
 
+    def start_chaos(
+        self,
+        rate: float,
+        seconds: float,
+        seed: int | None = None,
+        kinds: Sequence[Cut] = ("fin", "rst"),
+        mid_frame: float = 0.5,
+    ) -> None:
+        """Cut one random connection at a time, `rate` cuts per second on average (random
+        intervals), for at most `seconds`; a `mid_frame` share of the cuts lets only part
+        of the server's next bytes through first. Returns at once."""
+        if rate <= 0 or seconds <= 0 or not kinds or not 0 <= mid_frame <= 1:
+            raise ValueError("chaos needs rate > 0, seconds > 0, some kinds, 0 <= mid_frame <= 1")
+        self._call(self._start_chaos(rate, seconds, random.Random(seed), tuple(kinds), mid_frame))
+
+    def stop_chaos(self) -> Counter[str]:
+        """End the chaos (if running); the cuts made so far, per kind."""
+        return self._call(self._stop_chaos())
+
+    @property
+    def cuts_made(self) -> int:
+        return sum(self.cuts.values())
+
     def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT)
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT)
 
     # ---- on the proxy's loop -------------------------------------------------------------
 
@@ -125,6 +167,7 @@ class TcpProxy:
     async def _close(self) -> None:
         assert self._server is not None
         self._server.close()
+        await self._stop_chaos()
         await self._cut("rst")
         # Each handler returns once its pumps ended; none is left pending on a closed loop.
         async with asyncio.timeout(CALL_TIMEOUT / 2):
@@ -154,9 +197,71 @@ class TcpProxy:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # ---- chaos: single connections cut at random -----------------------------------------
+
+    async def _start_chaos(
+        self,
+        rate: float,
+        seconds: float,
+        rng: random.Random,
+        kinds: tuple[Cut, ...],
+        mid_frame: float,
+    ) -> None:
+        await self._stop_chaos()
+        self._chaos = asyncio.create_task(self._chaos_loop(rate, seconds, rng, kinds, mid_frame))
+
+    async def _stop_chaos(self) -> Counter[str]:
+        task, self._chaos = self._chaos, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return Counter(self.cuts)
+
+    async def _chaos_loop(
+        self,
+        rate: float,
+        seconds: float,
+        rng: random.Random,
+        kinds: tuple[Cut, ...],
+        mid_frame: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while (wait := rng.expovariate(rate)) < until - loop.time():
+            await asyncio.sleep(wait)
+            # Only links that reach the server and are not being cut already.
+            live = [
+                link
+                for link in self._links
+                if link.upstream is not None and link.cut_mid_frame is None
+            ]
+            if not live:
+                continue
+            link, how = rng.choice(live), rng.choice(kinds)
+            if rng.random() < mid_frame:
+                link.cut_mid_frame = how
+                # A connection that stays silent is cut whole after a while.
+                loop.call_later(MID_FRAME_WAIT, self._cut_link, link, how, how)
+            else:
+                self._cut_link(link, how, how)
+
+    def _cut_link(self, link: _Link, how: Cut, kind: str) -> None:
+        """Cut one connection both ways; its handler then ends by itself."""
+        if link not in self._links:
+            return  # already cut, or closed by either side
+        self._links.discard(link)
+        self.cuts[kind] += 1
+        for writer in link.writers():
+            if how == "rst":
+                _reset(writer)
+            else:
+                writer.close()
+        for task in link.tasks:
+            task.cancel()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        if self.state == REFUSING or len(self._links) >= MAX_CONNECTIONS:
+        if self.state == REFUSING or len(self._links) >= self.max_connections:
             _reset(writer)
             return
         link = _Link(writer)
@@ -185,7 +290,7 @@ class TcpProxy:
             )
         pumps = [
             asyncio.create_task(self._pump(client, link.upstream)),
-            asyncio.create_task(self._pump(upstream, link.client)),
+            asyncio.create_task(self._pump(upstream, link.client, link)),
         ]
         link.tasks += pumps
         try:
@@ -196,7 +301,14 @@ class TcpProxy:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        downstream: _Link | None = None,
+    ) -> None:
+        """Copy bytes one way; `downstream` is the link when these bytes go to the client
+        (where a mid-frame cut breaks them off)."""
         assert self._flowing is not None
         while True:
             await self._flowing.wait()
@@ -205,5 +317,11 @@ class TcpProxy:
                 return
             # Bytes read just before a black hole began are held too.
             await self._flowing.wait()
+            how = downstream.cut_mid_frame if downstream is not None else None
+            if downstream is not None and how is not None and len(data) > 1:
+                # Part of what the server sent, then the cut: a frame broken off mid-way.
+                writer.write(data[: len(data) // 2])
+                self._cut_link(downstream, how, f"{how} mid-frame")
+                return
             writer.write(data)
             await writer.drain()

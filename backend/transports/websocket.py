@@ -84,15 +84,17 @@ class Connection:
         hub = self.runtime.hub
         hub.websockets.add(self)
         try:
-            async with self.delivery:
-                self.delivery.push(
-                    HelloFrame(
-                        session=self.name,
-                        node=self.settings.node,
-                        heartbeat=self.settings.heartbeat,
-                        heartbeat_timeout=self.settings.heartbeat_timeout,
-                    )
+            # Queued before the broker subscription exists: events of the user's streams may
+            # arrive as soon as it does, and `hello` is the first frame of every connection.
+            self.delivery.push(
+                HelloFrame(
+                    session=self.name,
+                    node=self.settings.node,
+                    heartbeat=self.settings.heartbeat,
+                    heartbeat_timeout=self.settings.heartbeat_timeout,
                 )
+            )
+            async with self.delivery:
                 if hub.draining:
                     self.request_close(CLOSE_GOING_AWAY, "server shutting down")
                 await self._supervise()

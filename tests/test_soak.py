@@ -1,0 +1,261 @@
+"""The chaos soak, short version: a few dozen streams kept going while a proxy cuts their
+connections at random (FIN and RST, some in the middle of a frame); every stream's text must
+be the provider's, exactly once, in order, and once every client has left the server must
+hold what it held before (connections, broker subscriptions, generations, tasks).
+
+The full soak (hundreds of streams for a minute, with memory figures) is
+`python -m bench.soak`; the clients and their audit are in tests/chaos.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from backend.broker import MemoryBroker
+from backend.chat import ChatService
+from backend.history import SqliteHistory
+from backend.idempotency import MemoryRequestRegistry
+from backend.leases import MemoryLeases
+from backend.protocol import DoneFrame
+from backend.providers import DemoProvider, demo_reply
+from backend.ratelimit import MemoryRateLimiter
+from backend.streams import MemoryStreamLog
+from e2e.proxy import TcpProxy
+from tests.chaos import Tally, gauges, run_streams
+from tests.conftest import FAST_DEMO
+from tests.harness import TIMEOUT, Client, Server, new_id, wait_for
+from tests.redis_server import RedisServer
+
+# Many chats and reconnects from one address and identity: the abuse limits are not what is
+# tested here (tests/test_ratelimit.py is).
+NO_LIMITS: Final[dict[str, Any]] = {
+    "chat_rate": 100_000,
+    "chat_burst": 100_000,
+    "connect_rate": 100_000,
+    "connect_burst": 100_000,
+}
+CLIENTS: Final = 8
+STREAMS_PER_CLIENT: Final = 4
+CHAOS_SECONDS: Final = 10.0
+CUTS_PER_SECOND: Final = 8.0
+PATIENCE: Final = 30.0  # the longest one chat may take to end, cuts included
+BASELINE_DEADLINE: Final = 15.0
+CHATS_WHILE_CONNECTING: Final = 100
+SAME_CHAT_ATTEMPTS: Final = 30
+
+
+async def soak(urls: list[str], proxies: list[TcpProxy], seed: int) -> Tally:
+    """Chats on every client until the chaos is over, then until each has ended."""
+    tally = Tally()
+    for index, proxy in enumerate(proxies):
+        proxy.start_chaos(CUTS_PER_SECOND / len(proxies), CHAOS_SECONDS, seed=seed + index)
+    until = time.monotonic() + CHAOS_SECONDS
+    try:
+        await run_streams(
+            urls,
+            tally,
+            clients=CLIENTS,
+            streams_per_client=STREAMS_PER_CLIENT,
+            more=lambda: time.monotonic() < until,
+            seed=seed,
+            patience=PATIENCE,
+        )
+    finally:
+        for proxy in proxies:
+            proxy.stop_chaos()
+    return tally
+
+
+async def back_to(servers: list[Server], baseline: list[dict[str, float]]) -> None:
+    """Wait until every server's gauges are back at `baseline`; fail naming the ones not."""
+    now: list[dict[str, float]] = []
+
+    def settled() -> bool:
+        now[:] = [gauges(server.metrics()) for server in servers]
+        return now == baseline
+
+    try:
+        await wait_for(settled, BASELINE_DEADLINE)
+    except AssertionError:
+        raise AssertionError(f"gauges did not return to {baseline}: {now}") from None
+
+
+def assert_exact(tally: Tally, cuts: int) -> None:
+    problems = tally.problems()
+    assert not problems, "\n".join(problems)
+    assert tally.completed == tally.chats > CLIENTS * STREAMS_PER_CLIENT
+    # The cuts happened and hit the clients: they reconnected and resumed.
+    assert cuts > CHAOS_SECONDS * CUTS_PER_SECOND / 3
+    assert tally.drops > 0 and tally.resumes > 0
+
+
+async def test_every_stream_exact_under_random_cuts_and_the_server_back_to_baseline(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(**NO_LIMITS)
+    baseline = [gauges(server.metrics())]
+    assert {"tokenwire_connections", "tokenwire_subscriptions", "tokenwire_streams_active"} <= set(
+        baseline[0]
+    )
+    with TcpProxy(server.port, max_connections=4 * CLIENTS) as proxy:
+        tally = await soak([f"ws://127.0.0.1:{proxy.port}/ws"], [proxy], seed=1)
+        cuts = proxy.cuts_made
+    assert_exact(tally, cuts)
+    await back_to([server], baseline)
+
+
+async def test_two_nodes_through_redis_every_reconnect_on_the_other_node(
+    make_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    settings = {**NO_LIMITS, "redis_url": own_redis.url, "lease_seconds": 2}
+    nodes = [make_server(node=f"soak-{label}-{new_id()[:6]}", **settings) for label in "ab"]
+    baseline = [gauges(node.metrics()) for node in nodes]
+    with (
+        TcpProxy(nodes[0].port, max_connections=4 * CLIENTS) as proxy_a,
+        TcpProxy(nodes[1].port, max_connections=4 * CLIENTS) as proxy_b,
+    ):
+        urls = [f"ws://127.0.0.1:{p.port}/ws" for p in (proxy_a, proxy_b)]
+        tally = await soak(urls, [proxy_a, proxy_b], seed=2)
+        cuts = proxy_a.cuts_made + proxy_b.cuts_made
+    assert_exact(tally, cuts)
+    # Each client rotates over the two nodes with every attempt: a reconnect after a cut
+    # lands on the other node, unless an attempt failed in between (cut during the upgrade).
+    assert tally.cross_node >= tally.drops - tally.failed_connects > 0
+    await back_to(nodes, baseline)
+
+
+# ---- a bug the soak found ------------------------------------------------------------------
+
+
+async def test_a_chat_whose_client_left_while_it_was_accepted_still_answers(
+    tmp_path: Path,
+) -> None:
+    """A connection cut while the server was accepting a chat cancels that connection's
+    tasks. The acceptance must still finish (claim, log, history, generation): the client
+    sends the same chat again on its next connection, and that repeat replays the stream;
+    a claimed id without a generation left it waiting until the watch ended it as lost."""
+    history = await SqliteHistory.open(str(tmp_path / "history.db"))
+    entered, release = asyncio.Event(), asyncio.Event()
+    add_user_message = history.add_user_message
+
+    async def slow_disk(user: str, conversation: str, id: str, text: str) -> bool:
+        entered.set()
+        await release.wait()
+        return await add_user_message(user, conversation, id, text)
+
+    history.add_user_message = slow_disk  # type: ignore[method-assign]
+    broker = MemoryBroker()
+    chat = ChatService(
+        log=MemoryStreamLog(max_tokens=1000),
+        broker=broker,
+        history=history,
+        provider=DemoProvider(
+            first_token_delay=FAST_DEMO["demo_first_token_delay"],
+            tokens_per_second=FAST_DEMO["demo_tokens_per_second"],
+        ),
+        registry=MemoryRequestRegistry(),
+        leases=MemoryLeases(),
+        limiter=MemoryRateLimiter(),
+        chat_rate=100.0,
+        chat_burst=100.0,
+        node="solo",
+        stream_ttl=60.0,
+        max_tokens=1000,
+        context_messages=0,
+        lease_ttl=10.0,
+    )
+    await chat.open()
+    try:
+        stream, conversation, prompt = new_id(), new_id(), "cut while accepted"
+        first = asyncio.create_task(chat.start("u1", stream, conversation, prompt, origin="c1"))
+        async with asyncio.timeout(TIMEOUT):
+            await entered.wait()
+        first.cancel()  # the connection's receive loop, cancelled by the cut
+        await asyncio.gather(first, return_exceptions=True)
+        release.set()
+        again = await chat.start("u1", stream, conversation, prompt, origin="c2")
+        assert again.conversation == conversation
+
+        async def ended() -> str:
+            while True:
+                piece = await chat.read_after("u1", stream, 0, 10_000)
+                if piece.end is not None:
+                    assert isinstance(piece.end, DoneFrame)
+                    return "".join(piece.tokens)
+                await asyncio.sleep(0.02)
+
+        async with asyncio.timeout(TIMEOUT):
+            assert await ended() == demo_reply(prompt)
+    finally:
+        await chat.aclose()
+        await history.aclose()
+        await broker.aclose()
+
+
+async def test_hello_is_the_first_frame_while_the_user_starts_chats(
+    make_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    """A connection subscribes to its user's channel as it opens; with Redis that takes a
+    round trip, during which chats the user starts on another node send their `message`
+    and first token. Those must queue behind `hello`, the first frame of every connection."""
+    settings = {"redis_url": own_redis.url, "demo_paragraphs": 0, **NO_LIMITS}
+    busy_node, other_node = (
+        make_server(node=f"hello-{c}-{new_id()[:6]}", **settings) for c in "ab"
+    )
+    # It never reads: its close handshake would wait behind everything queued for it.
+    busy = await Client.connect(busy_node, close_timeout=0.5)
+
+    async def keep_starting_chats() -> None:
+        for i in range(CHATS_WHILE_CONNECTING):
+            await busy.send(type="chat", id=new_id(), conversation=new_id(), text=f"busy {i}")
+            await asyncio.sleep(0.002)
+
+    chats = asyncio.create_task(keep_starting_chats())
+    try:
+        while not chats.done():
+            # The user's only connection on this node: each one subscribes on Redis anew.
+            late = await Client.connect(other_node, cookie=busy.cookie)  # asserts hello first
+            await late.close()
+        await chats
+    finally:
+        chats.cancel()
+        await busy.close()
+
+
+async def test_the_same_chat_sent_to_two_nodes_at_once_is_answered_on_both(
+    make_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    """A client whose connection was cut before the ack sends its chat again on the other
+    node, maybe while the first node is still accepting it. Whichever node claims the id
+    first, the other replays the stream: both connections get the whole answer, never
+    `stream_expired` for a log the first node had not created yet."""
+    nodes = [
+        make_server(
+            redis_url=own_redis.url,
+            node=f"twice-{c}-{new_id()[:6]}",
+            demo_paragraphs=0,
+            **NO_LIMITS,
+        )
+        for c in "ab"
+    ]
+    first = await Client.connect(nodes[0])
+    second = await Client.connect(nodes[1], cookie=first.cookie)
+    try:
+        for attempt in range(SAME_CHAT_ATTEMPTS):
+            stream, conversation, prompt = new_id(), new_id(), f"twice {attempt}"
+            frame = json.dumps(
+                {"type": "chat", "id": stream, "conversation": conversation, "text": prompt}
+            )
+            await asyncio.gather(first.ws.send(frame), second.ws.send(frame))
+            for client in (first, second):
+                view = await client.until_end(stream)
+                assert view.end is not None and view.end["type"] == "done", view.end
+                assert view.text == demo_reply(prompt, paragraphs=0)
+    finally:
+        await first.close()
+        await second.close()
