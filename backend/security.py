@@ -85,7 +85,11 @@ def origin_allowed(scope: Scope, allowed: Iterable[str]) -> bool:
     if origin in allowed:
         return True
     host = _header(scope, b"host")
-    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # e.g. "http://[::1": no origin a browser sends, so not ours
+        return False
+    return host is not None and netloc.lower() == host.lower()
 
 
 def cookie_header(value: str, secure: bool) -> bytes:

@@ -40,7 +40,8 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from backend.protocol import (
     BAD_FRAME,
@@ -494,7 +495,18 @@ async def http_fuzz(
         for _ in range(count):
             if time.monotonic() > deadline:
                 break
+            if rng.random() < 0.08:
+                result.tried["ws-upgrade"] += 1
+                status, problem = await _ws_upgrade(server, rng)
+                result.statuses[status] += 1
+                if problem:
+                    result.problems.append(f"ws-upgrade: {problem}")
+                continue
             kind, request = _http_request(rng, ctx, http, own)
+            if rng.random() < 0.25:
+                request.headers["Origin"] = _origin(rng, server)
+            if rng.random() < 0.15:
+                request.headers["Cookie"] = _cookie(rng)
             result.tried[kind] += 1
             try:
                 response = await http.send(request, stream=True)
@@ -513,10 +525,95 @@ async def http_fuzz(
     return result
 
 
+def _origin(rng: random.Random, server: Server) -> str:
+    return rng.choice(
+        [
+            server.url,
+            f"http://localhost:{server.port}",
+            "http://evil.example",
+            "null",
+            "",
+            "http://[::1",
+            "http://[zz]",
+            "http://a]b",
+            "http://127.0.0.1:99999",
+            "\u00ff\u00fe",
+            "://",
+            "http://" + "a" * 300,
+        ]
+    )
+
+
+def _cookie(rng: random.Random) -> str:
+    return rng.choice(
+        [
+            "tw=forged.signature",
+            "tw=",
+            "tw=" + "." * 40,
+            "tw=a.b.c; tw=d.e",
+            ";;;",
+            "=",
+            "tw=\u00ff\u00fe.\u00e9",
+            "a" * 2000,
+            "tw=" + _id(rng) + "." + _id(rng),
+        ]
+    )
+
+
+async def _ws_upgrade(server: Server, rng: random.Random) -> tuple[int, str | None]:
+    """A WebSocket upgrade with random Origin and Cookie: refused with a 4xx, or accepted
+    (then `hello` must come first); never a 5xx."""
+    headers = {}
+    if rng.random() < 0.7:
+        headers["Origin"] = _origin(rng, server)
+    if rng.random() < 0.5:
+        headers["Cookie"] = _cookie(rng)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            async with connect(server.ws_url, additional_headers=headers) as ws:
+                hello = json.loads(await ws.recv())
+                if hello.get("type") != "hello":
+                    return 101, f"first frame is not hello: {hello!r}"
+                return 101, None
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        return status, f"{headers}: answered {status}" if status >= 500 else None
+    except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+        return 0, f"{headers}: {exc!r}"
+
+
+METHODS: Final = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+
+
+def _random_path(rng: random.Random, stream: str) -> str:
+    junk = quote(_text(rng, rng.randint(0, 12)), safe="")
+    return rng.choice(
+        [
+            "/",
+            "/api",
+            "/api/",
+            "/api/chat",
+            "/api/streams",
+            f"/api/streams/{stream}/x",
+            f"/api/streams/{stream}/cancel/",
+            f"/api/conversations/{stream}/{junk}",
+            f"/vendor/{junk}",
+            f"/{junk}",
+            "/%2e%2e/%2e%2e/etc/passwd",
+            "/vendor/..%2f..%2fpyproject.toml",
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/index.html",
+            "/ws",
+        ]
+    )
+
+
 def _http_request(
     rng: random.Random, ctx: FuzzContext, http: httpx.AsyncClient, own: list[str]
 ) -> tuple[str, httpx.Request]:
-    roll = rng.randrange(5)
+    roll = rng.randrange(6)
     if roll <= 1:
         headers = {}
         content_type = rng.choice(CONTENT_TYPES)
@@ -544,7 +641,13 @@ def _http_request(
         )
     if roll == 3:
         return "cancel-stream", http.build_request("POST", f"/api/streams/{stream}/cancel")
-    return "get-conversation", http.build_request("GET", f"/api/conversations/{stream}")
+    if roll == 4:
+        return "get-conversation", http.build_request("GET", f"/api/conversations/{stream}")
+    method = rng.choice(METHODS)
+    body = rng.randbytes(rng.randint(0, 50)) if method not in ("GET", "HEAD") else b""
+    return "random-route", http.build_request(
+        method, _random_path(rng, stream), content=body or None
+    )
 
 
 async def _check_http(response: httpx.Response) -> str | None:
@@ -552,6 +655,8 @@ async def _check_http(response: httpx.Response) -> str | None:
     if status >= 500:
         await response.aread()
         return f"answered {status}: {response.content[:200]!r}"
+    if response.request.method == "HEAD" or not response.request.url.path.startswith("/api"):
+        return None  # PROTOCOL.md's error bodies are the API's; a page may answer in HTML
     if status < 400:
         # An accepted chat's JSON is read; a stream that exists (SSE) is closed unread.
         if response.headers.get("content-type", "").startswith("application/json"):

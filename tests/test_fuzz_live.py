@@ -15,8 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
 
-from backend.protocol import BAD_FRAME, MAX_SEQ, NOT_FOUND, RETRYABLE
+from backend.protocol import BAD_FRAME, MAX_SEQ, NOT_FOUND, RETRYABLE, UNAUTHORIZED
 from bench.fuzz import SERVER_SETTINGS, run_live
 from tests.harness import TIMEOUT, Client, Server, server_factory, start_chat
 
@@ -108,6 +109,20 @@ def test_stream_position_that_is_no_seq_is_bad_frame_not_500(
         response = http.get("/api/streams/abc", headers=headers, params=params)
     body = error_of(response, 400, BAD_FRAME)
     assert "must be a seq" in body["message"]
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[zz]", "http://a]b"])
+async def test_malformed_origin_is_refused_not_a_500(fuzz_server: Server, origin: str) -> None:
+    # Was a 500 and a traceback: urlsplit raises ValueError on a bracketed host that is no
+    # IP address, in the origin check of every state-changing request and upgrade.
+    log_start = len(fuzz_server.log())
+    async with httpx.AsyncClient(base_url=fuzz_server.url, timeout=TIMEOUT) as http:
+        response = await http.post("/api/chat", headers={"Origin": origin}, content=b"{}")
+    error_of(response, 403, UNAUTHORIZED)
+    with pytest.raises(InvalidStatus) as refused:
+        await Client.connect(fuzz_server, additional_headers={"Origin": origin})
+    assert refused.value.response.status_code == 403
+    assert "Traceback" not in fuzz_server.log()[log_start:]
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
