@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from redis.exceptions import RedisError
 
@@ -352,9 +352,11 @@ class ChatService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         started = self.generations_started - len(self._running)
-        while self._tasks and (remaining := deadline - loop.time()) > 0:
-            # A chat accepted just before `_closing` may add a task meanwhile: loop.
-            await asyncio.wait(set(self._tasks), timeout=remaining)
+        while (self._tasks or self._accepting) and (remaining := deadline - loop.time()) > 0:
+            # A chat being accepted when `_closing` was set may start a generation
+            # meanwhile: it too may finish, so wait for acceptances and generations alike.
+            pending: set[asyncio.Task[Any]] = {*self._tasks, *self._accepting}
+            await asyncio.wait(pending, timeout=remaining)
         stopped = await self._stop_all()
         return Drained(finished=self.generations_started - started - stopped, stopped=stopped)
 
@@ -372,6 +374,9 @@ class ChatService:
     async def _stop_all(self) -> int:
         """Stop every running generation and wait until each has recorded its end; how many
         were stopped."""
+        # Acceptances under way may still start generations: let them first (no new ones
+        # begin once `_closing` is set; each is bounded by its storage calls' timeouts).
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         running = list(self._running.values())
         for gen in running:
             _stop(gen, "shutdown")

@@ -98,6 +98,16 @@ async def test_drain_stops_what_is_still_running_when_the_grace_period_ends(
         assert await saved_answer(runtime, "ann", "c1") == (shown, False)
 
 
+async def test_drain_waits_for_a_chat_being_accepted_as_it_begins(tmp_path: Path) -> None:
+    prompt = "accepted as the drain began"
+    async with running(tmp_path, demo_tokens_per_second=200) as runtime:
+        starting = asyncio.create_task(runtime.chat.start("ann", "s1", "c1", prompt, origin="test"))
+        await asyncio.sleep(0)  # past the shutdown check, its acceptance not yet done
+        assert await asyncio.wait_for(runtime.drain(grace=TIMEOUT), TIMEOUT) == Drained(1, 0)
+        assert (await starting).new
+        assert await saved_answer(runtime, "ann", "c1") == (demo_reply(prompt), True)
+
+
 async def test_drain_with_nothing_running(tmp_path: Path) -> None:
     async with running(tmp_path) as runtime:
         assert await asyncio.wait_for(runtime.drain(grace=TIMEOUT), TIMEOUT) == Drained(0, 0)
