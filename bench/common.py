@@ -126,7 +126,10 @@ def line_plot(
     ylabel: str,
     series: dict[str, Sequence[tuple[float, float]]],
     logx: bool = False,
+    reference: tuple[str, Sequence[tuple[float, float]]] | None = None,
+    logy: bool = False,
 ) -> Path:
+    """One line per series; `reference`: (label, points) drawn dashed grey (an ideal)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,8 +140,14 @@ def line_plot(
         if points:
             xs, ys = zip(*sorted(points), strict=True)
             ax.plot(xs, ys, marker="o", label=label)
+    if reference is not None:
+        label, points = reference
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, linestyle="--", color="grey", label=label)
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -370,4 +379,8 @@ def versions() -> dict[str, str]:
 
 def machine() -> str:
     ram = psutil.virtual_memory().total / 2**30
-    return f"{cpu_count()} CPUs ({platform.processor() or platform.machine()}), {ram:.1f} GiB RAM"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu_count()} CPUs ({platform.processor() or platform.machine()}), {ram:.1f} GiB RAM; "
+        f"load average before the run {load} (other work on the machine skews every figure)"
+    )

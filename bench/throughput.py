@@ -73,7 +73,7 @@ class Size:
 
 SMOKE = Size(levels=(20,), paragraphs=1, stagger=0.3, lead=0.2, tail=0.3)
 FULL = Size(
-    levels=(100, 200, 400, 800, 1200, 1600, 2400, 3200, 4800, 6400),
+    levels=(25, 50, 100, 200, 400, 800, 1200, 1600, 2400, 3200, 4800, 6400),
     paragraphs=6,
     stagger=1.0,
     lead=0.5,
@@ -158,6 +158,8 @@ def run(config: Config) -> Figure:
     size = SMOKE if config.smoke else FULL
     figure = Figure("throughput", TITLE)
     curves: dict[str, dict[float, list[float]]] = {peer: {} for peer in PEERS}
+    lateness: dict[str, dict[float, list[float]]] = {peer: {} for peer in PEERS}
+    last: dict[str, list[Level]] = {}
     client_shares: list[float] = []
     checked = {"streams": 0, "exact": 0, "lost": 0, "duplicated": 0}
     with tempfile.TemporaryDirectory(prefix="benchcore-throughput-") as tmp:
@@ -167,18 +169,29 @@ def run(config: Config) -> Figure:
                     levels = ramp(peer, size)
                 for level in levels:
                     curves[name].setdefault(level.offered, []).append(level.delivered)
+                    lateness[name].setdefault(level.offered, []).append(level.p99_ms)
                     client_shares.append(level.client_cpu_share)
                     if level.keeps_up:
                         for key in checked:
                             checked[key] += getattr(level.tally, key)
                 record(figure, name, levels)
+                last[name] = levels
     notes(figure, client_shares, checked, size)
+    for name, levels in last.items():
+        figure.notes.append(
+            f"{name}, per level (last repetition; streams: delivered tokens/s, p99 lateness, "
+            "tokens per frame, server CPU): "
+            + "; ".join(
+                f"{lv.streams}: {fmt(lv.delivered)}/s, {fmt(lv.p99_ms)} ms, "
+                f"{lv.tokens_per_frame:.2f}, {lv.server_cpu_share:.0%}"
+                for lv in levels
+            )
+        )
     series = {
         name: [(offered, statistics.median(got)) for offered, got in points.items()]
         for name, points in curves.items()
     }
     top = max((x for points in series.values() for x, _ in points), default=0.0)
-    series["offered (all delivered)"] = [(0.0, 0.0), (top, top)]
     figure.plots.append(
         line_plot(
             config.out / "throughput.png",
@@ -186,6 +199,24 @@ def run(config: Config) -> Figure:
             "offered tokens/s",
             "delivered tokens/s (steady window)",
             series,
+            reference=("offered (everything delivered)", [(0.0, 0.0), (top, top)]),
+        )
+    )
+    figure.plots.append(
+        line_plot(
+            config.out / "throughput_p99.png",
+            "p99 lateness (received - due) vs offered load",
+            "offered tokens/s",
+            "p99 lateness, ms",
+            {
+                name: [(offered, statistics.median(got)) for offered, got in points.items()]
+                for name, points in lateness.items()
+            },
+            reference=(
+                f"bound: {LATE_BOUND_MS:.0f} ms",
+                [(0.0, LATE_BOUND_MS), (top, LATE_BOUND_MS)],
+            ),
+            logy=True,
         )
     )
     return figure
