@@ -56,6 +56,7 @@ from backend.transports.http import (
     handle_http_exception,
     healthz,
     list_conversations,
+    path_guard_middleware,
     post_chat,
     readyz,
 )
@@ -262,6 +263,7 @@ def create_app(settings: Settings) -> Litestar:
             # Outermost first: every response, refusals included, carries its request id.
             request_id_middleware,
             security_headers_middleware,
+            path_guard_middleware,
             origin_middleware(settings.allowed_origins),
             identity_middleware(
                 identity, settings.cookie_secure, BearerTokens(settings.api_tokens)

@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +55,7 @@ from backend.protocol import (
 )
 from backend.providers import demo_reply
 from tests.harness import TIMEOUT, Client, Server, start_server
+from tests.redis_server import start_redis
 
 PROTOCOL_CODES: Final = frozenset(RETRYABLE)
 # The server under fuzz: small limits so oversized frames are cheap to make, fast demo
@@ -827,9 +829,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8, help="fuzz connections at once")
     parser.add_argument("--http", type=int, default=3000, help="HTTP requests to send")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--redis", action="store_true", help="run the server on Redis (a redis-server it starts)"
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="tokenwire-fuzz-") as tmp:
-        server = start_server(Path(tmp), **SERVER_SETTINGS)
+    with tempfile.TemporaryDirectory(prefix="tokenwire-fuzz-") as tmp, ExitStack() as stack:
+        settings = dict(SERVER_SETTINGS)
+        if args.redis:
+            redis = start_redis(Path(tmp))
+            stack.callback(redis.stop)
+            settings["redis_url"] = redis.url
+        server = start_server(Path(tmp), **settings)
         try:
             report = asyncio.run(
                 run_live(
@@ -846,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if not report.ok:
             print(server.log()[-4000:], file=sys.stderr)
+    print(f"backend: {'redis' if args.redis else 'memory'}")
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

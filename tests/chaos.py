@@ -39,7 +39,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Final
 
@@ -127,6 +127,19 @@ class Tally:
         if self.connection_errors:
             found.append(f"connection errors by code: {dict(self.connection_errors)}")
         return found
+
+    def add(self, other: Tally) -> None:
+        """Count `other`'s run into this one (the samples kept stay bounded)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, int):
+                setattr(self, f.name, mine + theirs)
+            elif isinstance(mine, Counter):
+                mine.update(theirs)
+            elif f.name == "replay_latency":
+                mine.extend(theirs)
+            else:
+                mine.extend(theirs[: max(0, MAX_SAMPLES - len(mine))])
 
     def percentile(self, q: float) -> float:
         """Replay latency at quantile `q` (0..1), seconds; NaN without samples."""
@@ -236,6 +249,11 @@ class ResumingClient:
             # Checked and marked before any await: the (re)open never sends it a second time.
             await self._send(ws, [self._request(stream, after=0, began=None)])
         return stream
+
+    def missing(self, stream: ChaosStream) -> int:
+        """Tokens of `stream` not shown (yet)."""
+        shown = self.session.get(stream.id)
+        return len(stream.tokens) - (shown.last if shown is not None else len(stream.tokens))
 
     # ---- the connection loop -------------------------------------------------------------
 
@@ -495,6 +513,7 @@ async def keep_chatting(
                 await stream.ended.wait()
         except TimeoutError:
             client.tally.unfinished += 1
+            client.tally.lost += client.missing(stream)
             return
 
 

@@ -36,7 +36,7 @@ from backend.protocol import (
 from backend.ratelimit import retry_after_rounded
 
 if TYPE_CHECKING:
-    from litestar.types import Scope
+    from litestar.types import ASGIApp, Receive, Scope, Send
 
     from backend.app import Runtime
 
@@ -85,6 +85,31 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: Exception) -> Response
     message = "no such route" if status == 404 else str(exc.detail)  # type: ignore[attr-defined]
     frame = error_frame(code, message)
     return Response(encode(frame), status_code=status, media_type=MediaType.JSON)
+
+
+def path_guard_middleware(app: ASGIApp) -> ASGIApp:
+    """Answer `not_found` to a path holding a NUL byte before its handler runs: no route
+    has one, and the static files' stat() raises ValueError on it (a 500). Litestar has
+    matched a route by then, so a method that route lacks was already refused (405)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope["type"]) == "http" and "\x00" in scope["path"]:
+            body = encode(error_frame(NOT_FOUND, "no such route"))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": HTTP_STATUS[NOT_FOUND],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 def client_address(scope: Scope) -> str:
