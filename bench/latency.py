@@ -6,7 +6,10 @@ tokenwire in one process, and tokenwire through Redis (the chat goes to node a, 
 generates; the same user's connection to node b is the one measured, so every token
 crosses node a -> Redis -> node b).
 
-Server and clients are pinned apart as in figure 2. The client stamps a message with the
+Server and clients are pinned apart as in figure 2, except the Redis hop's redis-server
+and two nodes, which the scheduler spreads over both cores. The load client's chat goes
+over a WebSocket of the same user on node a, which therefore also delivers every token
+(a user with two tabs). The client stamps a message with the
 time its bytes arrived, before decoding, so decoding costs are not counted.
 """
 
@@ -114,7 +117,12 @@ def run(config: Config) -> Figure:
         f"Streams: {checked['streams']}, each token once and in order: {checked['exact']}, "
         f"tokens lost: {checked['lost']}, duplicated: {checked['duplicated']}. "
         f"Each stream {size.paragraphs}-paragraph demo length at {RATE:.0f} tokens/s; "
-        + ("server pinned to CPU 0, clients to CPU 1." if pinning() else "no CPU pinning.")
+        + (
+            "servers pinned to CPU 0 (the Redis hop's three processes left to the scheduler), "
+            "clients to CPU 1."
+            if pinning()
+            else "no CPU pinning."
+        )
     )
     bars = {}
     for name in PEERS:
