@@ -94,10 +94,17 @@ _tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FlushTicker] = (
 )
 
 
+_last: FlushTicker | None = None  # the one found last: one loop per process, in practice
+
+
 def ticker() -> FlushTicker:
     """The running loop's ticker."""
+    global _last
     loop = asyncio.get_running_loop()
+    if _last is not None and _last._loop is loop:
+        return _last
     found = _tickers.get(loop)
     if found is None:
         found = _tickers[loop] = FlushTicker(loop)
+    _last = found
     return found

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
@@ -38,14 +38,17 @@ class Offer(Enum):
     IGNORED = "ignored"  # a stream this connection does not deliver
 
 
-@dataclass(eq=False)
 class _Entry:
-    stream: str | None
-    frame: ServerFrame | None  # None for a token entry, built on pop from `parts`
-    parts: list[str] = field(default_factory=list)
-    seq: int = 0
-    n: int = 0  # tokens in `parts` (a part may hold several: a joined live event)
-    size: int = 0
+    # A plain class with slots: one is made per frame queued, the hottest allocation here.
+    __slots__ = ("frame", "n", "parts", "seq", "size", "stream")
+
+    def __init__(self, stream: str | None, frame: ServerFrame | None, size: int) -> None:
+        self.stream = stream
+        self.frame = frame  # None for a token entry, built on pop from `parts`
+        self.parts: list[str] = []
+        self.seq = 0
+        self.n = 0  # tokens in `parts` (a part may hold several: a joined live event)
+        self.size = size
 
 
 @dataclass(eq=False)

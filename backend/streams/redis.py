@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 
 from backend.protocol import StreamEnd
 from backend.redis_conn import DEFAULT_MAX_CONNECTIONS, key_tag, redis_client, ttl_ms
+from backend.redis_pipeline import Pipeliner
 from backend.streams.base import (
     DEFAULT_READ_LIMIT,
     StreamExpired,
@@ -163,6 +164,9 @@ class RedisStreamLog(StreamLog):
         self._append = self._redis.register_script(_APPEND)
         self._finish = self._redis.register_script(_FINISH)
         self._read = self._redis.register_script(_READ)
+        # Appends are the hot path (one per batch of tokens of every running stream): the
+        # appends of many streams share a round trip.
+        self._appender = Pipeliner(self._redis, name="redis stream log appends")
         self._encoder = msgspec.json.Encoder()
         self._end_decoder: msgspec.json.Decoder[StreamEnd] = msgspec.json.Decoder(StreamEnd)
         self._created: dict[str, _Created] = {}
@@ -177,6 +181,7 @@ class RedisStreamLog(StreamLog):
         """Close the connections; calling it again does nothing."""
         if not self._closed:
             self._closed = True
+            await self._appender.aclose()
             await self._redis.aclose()
 
     async def create(self, key: str) -> None:
@@ -195,7 +200,8 @@ class RedisStreamLog(StreamLog):
         created = self._created.get(key)
         fence: list[Any] = ["", -1] if created is None else [created.generation, created.last_seq]
         last_seq = int(
-            await self._append(
+            await self._appender.script(
+                self._append,
                 keys=[log_key(key), end_key(key)],
                 args=[*fence, self._max_tokens, ttl_ms(self._running_ttl), *tokens],
             )
