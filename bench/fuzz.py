@@ -15,8 +15,8 @@ server answers `error` and carries on"):
 - every fuzz connection stays open and usable (a final `ping` gets its `pong`);
 - the normal clients' texts are exactly the demo model's answers, once, in order;
 - every HTTP answer is 2xx or 4xx (never 5xx), errors in the `error` frame's JSON shape;
-- afterwards the server runs, `tokenwire_connections` is back to its baseline, and its log
-  holds no traceback.
+- afterwards the server runs, `tokenwire_connections` and `tokenwire_sse_responses` are
+  back to their baselines (no connection leaked), and its log holds no traceback.
 
 Frames are made by a seeded `random.Random`, so a run is reproducible from its seed.
 """
@@ -690,7 +690,7 @@ class Report:
     normal_streams: int = 0
     normal_exact: int = 0
     connections_dropped: int = 0
-    connections_leaked: int = -1
+    connections_leaked: int = -1  # WebSocket connections and SSE responses still open
     server_crashes: int = 0
     tracebacks: int = 0
     problems: list[str] = field(default_factory=list)
@@ -739,6 +739,10 @@ def gauge(server: Server, name: str) -> float:
     raise KeyError(f"/metrics has no {name}")
 
 
+def open_connections(server: Server) -> float:
+    return gauge(server, "tokenwire_connections") + gauge(server, "tokenwire_sse_responses")
+
+
 async def run_live(
     server: Server,
     *,
@@ -760,7 +764,7 @@ async def run_live(
         max_bytes=int(server.env["TOKENWIRE_MAX_FRAME_BYTES"]),
         max_text=int(server.env["TOKENWIRE_MAX_TEXT_CHARS"]),
     )
-    baseline = gauge(server, "tokenwire_connections")
+    baseline = open_connections(server)
     log_start = len(server.log())
     started = time.monotonic()
     deadline = started + seconds
@@ -812,7 +816,7 @@ async def run_live(
         # Closed connections leave the hub when their tasks have ended: allow a moment.
         leak_deadline = time.monotonic() + SETTLE
         while True:
-            leaked = gauge(server, "tokenwire_connections") - baseline
+            leaked = open_connections(server) - baseline
             if leaked <= 0 or time.monotonic() > leak_deadline:
                 break
             await asyncio.sleep(0.05)
