@@ -136,6 +136,7 @@ class Runtime:
         try:
             yield
         finally:
+            await self.hub.aclose()  # its heartbeat and watch sweeps
             await self.chat.aclose()
             await self.provider.aclose()
             await self.history.aclose()

@@ -11,8 +11,9 @@ log of every stream that made no progress for a while, so a lost token or end is
 and asks the chat service to check the producer of one silent for longer, so a stream
 whose node died ends with an error instead of hanging.
 
-Owned tasks: at most one fill per stream and the watch, cancelled and awaited on exit.
-The broker subscription is closed on exit.
+Owned tasks: at most one fill per stream, cancelled and awaited on exit. The watch is no
+task of its own: the `Hub`'s one watch sweep calls `watch` on every delivery (an idle
+connection then costs no task and no timer). The broker subscription is closed on exit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from types import TracebackType
 from backend.broker import Broker, Event, StreamEnded, Subscription, UserMessage, user_channel
 from backend.chat import ChatError, ChatService
 from backend.flush import ticker
+from backend.hub import Hub
+from backend.lean_event import LeanEvent
 from backend.outbox import Offer, Outbox
 from backend.protocol import NOT_FOUND, STREAM_EXPIRED, ServerFrame, TokenFrame, error_frame
 from backend.streams.base import DEFAULT_READ_LIMIT
@@ -46,10 +49,12 @@ class Delivery:
         name: str,
         outbox_bytes: int,
         on_overflow: Callable[[], None],
+        hub: Hub,
         only_stream: str | None = None,
     ) -> None:
         """`name` identifies the client (user messages it sent are not echoed back to it);
-        `only_stream` limits delivery to one stream (an SSE response)."""
+        `hub` runs the watch sweep; `only_stream` limits delivery to one stream (an SSE
+        response)."""
         self.chat = chat
         self.broker = broker
         self.user = user
@@ -57,18 +62,19 @@ class Delivery:
         self.outbox = Outbox(outbox_bytes)
         self._on_overflow = on_overflow
         self._only_stream = only_stream
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()
+        self._hub = hub
+        self._wake = LeanEvent()
+        self._room = LeanEvent()
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._subscription: Subscription | None = None
         self._progress: dict[str, float] = {}  # stream -> when it last moved here
         self._watched: dict[str, float] = {}  # stream that never moved -> when first watched
-        self._watch_task: asyncio.Task[None] | None = None
         self.stopped = False
 
     async def __aenter__(self) -> Delivery:
         self._subscription = await self.broker.subscribe(user_channel(self.user), self._on_event)
-        self._watch_task = asyncio.create_task(self._watch(), name=f"{self.name} watch")
+        lease = self.chat.lease_ttl
+        self._hub.watch(self, min(max(lease / 2, MIN_WATCH), MAX_WATCH), lease * 1.5)
         return self
 
     async def __aexit__(
@@ -78,9 +84,8 @@ class Delivery:
         tb: TracebackType | None,
     ) -> None:
         self.stopped = True
+        self._hub.unwatch(self)
         tasks = list(self._fills.values())
-        if self._watch_task is not None:
-            tasks.append(self._watch_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -195,32 +200,37 @@ class Delivery:
             if self._fills.get(stream) is asyncio.current_task():
                 del self._fills[stream]
 
-    async def _watch(self) -> None:
-        interval = min(max(self.chat.lease_ttl / 2, MIN_WATCH), MAX_WATCH)
-        producer_silence = self.chat.lease_ttl * 1.5
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            streams = self.outbox.open_streams()
-            for timing in (self._progress, self._watched):
-                for stream in list(timing):
-                    if stream not in streams:
-                        del timing[stream]
-            for stream in streams:
-                # A stream that never moved is timed apart from `_progress`, which `_fill`
-                # reads as "this client was shown it" (else a `not_found` read while the
-                # watch ticks would be reported as `stream_expired`).
-                since = self._progress.get(stream)
-                idle = now - (self._watched.setdefault(stream, now) if since is None else since)
-                if idle < interval:
-                    continue
-                running = self._fills.get(stream)
-                if running is None and (
-                    self.outbox.recheck(stream) or self.outbox.is_filling(stream)
-                ):
-                    self._start_fill(stream)
-                if idle >= producer_silence:
-                    await self.chat.check_producer(self.user, stream)
+    def watch(self, now: float, interval: float, producer_silence: float) -> list[str]:
+        """One round of the watch (the hub's sweep calls it every `interval` seconds): read
+        the log again for every stream that made no progress for `interval`; returns the
+        streams silent for `producer_silence`, whose producer the caller must check."""
+        if self.stopped:
+            return []
+        streams = self.outbox.open_streams()
+        if not streams and not self._progress and not self._watched:
+            return []  # the idle connection: nothing to look at
+        for timing in (self._progress, self._watched):
+            for stream in list(timing):
+                if stream not in streams:
+                    del timing[stream]
+        silent = []
+        for stream in streams:
+            # A stream that never moved is timed apart from `_progress`, which `_fill`
+            # reads as "this client was shown it" (else a `not_found` read while the
+            # watch ticks would be reported as `stream_expired`).
+            since = self._progress.get(stream)
+            idle = now - (self._watched.setdefault(stream, now) if since is None else since)
+            if idle < interval:
+                continue
+            running = self._fills.get(stream)
+            if running is None and (self.outbox.recheck(stream) or self.outbox.is_filling(stream)):
+                self._start_fill(stream)
+            if idle >= producer_silence:
+                silent.append(stream)
+        return silent
+
+    async def check_producer(self, stream: str) -> None:
+        await self.chat.check_producer(self.user, stream)
 
     def _after_queue(self, joinable: bool = False) -> None:
         """Wake the sender; `joinable`: what was queued is live tokens or an end, which may

@@ -33,7 +33,7 @@ import re
 import sys
 import time
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from bench.load import KINDS, Wire
 
@@ -54,16 +54,15 @@ class IdleConnection:
 
     __slots__ = ("dialect", "established", "ready", "stats", "wire")
 
-    def __init__(self, dialect: str, stats: Stats, wire: Wire) -> None:
+    def __init__(self, dialect: str, stats: Stats, url: SplitResult, path: str) -> None:
         self.dialect = dialect
         self.stats = stats
-        self.wire = wire
+        self.wire = Wire(url.hostname or "127.0.0.1", url.port or 80, path, None, self.on_message)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.established = False
-        wire.on_message = self.on_message
-        wire.closed.add_done_callback(self._lost)
+        self.wire.closed.add_done_callback(self._lost)
 
-    def on_message(self, payload: bytes, now: float) -> None:
+    def on_message(self, wire: Wire, payload: bytes, now: float) -> None:
         if self.dialect == "socketio":
             if payload == b"2":
                 self.stats.pings += 1
@@ -119,10 +118,8 @@ class Holder:
         made: list[IdleConnection] = []
 
         def factory() -> Wire:
-            # Made with the protocol: the first frame may come with the upgrade's answer.
-            wire = Wire(host, port, path, None)
-            made.append(IdleConnection(self.dialect, self.stats, wire))
-            return wire
+            made.append(IdleConnection(self.dialect, self.stats, target, path))
+            return made[0].wire
 
         try:
             async with asyncio.timeout(self.timeout):

@@ -12,7 +12,6 @@ comments, and bounds each send with a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
@@ -76,7 +75,6 @@ class SseSession:
     def __init__(self, runtime: Runtime, user: str, stream: str) -> None:
         self.runtime = runtime
         self.stream = stream
-        self.closed = asyncio.Event()
         self.delivery = Delivery(
             chat=runtime.chat,
             broker=runtime.broker,
@@ -84,6 +82,7 @@ class SseSession:
             name=f"{runtime.settings.node}/sse{next(_session_ids)}",
             outbox_bytes=runtime.settings.outbox_bytes,
             on_overflow=self._slow_consumer,
+            hub=runtime.hub,
             only_stream=stream,
         )
 
@@ -95,7 +94,7 @@ class SseSession:
 
     async def events(self, after: int) -> AsyncIterator[ServerSentEvent]:
         hub = self.runtime.hub
-        hub.sse.add(self)
+        hub.join_sse(self)
         try:
             async with self.delivery:
                 self.delivery.deliver(self.stream, after)
@@ -104,8 +103,7 @@ class SseSession:
                     if isinstance(frame, DoneFrame | ErrorFrame):
                         return
         finally:
-            hub.sse.discard(self)
-            self.closed.set()
+            hub.leave_sse(self)
 
 
 @get("/api/streams/{stream_id:str}")

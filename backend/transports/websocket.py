@@ -1,11 +1,13 @@
 """`GET /ws`: one WebSocket connection: client frames in, a `Delivery`'s frames out.
 
-Each connection owns exactly these tasks, all ended when it closes: the receive loop, a
-sender draining the delivery, a heartbeat, and the delivery's log fills. Whatever ends
-first (client gone, heartbeat timeout, slow consumer, shutdown) closes the connection and
-the rest are cancelled and awaited; the broker subscription is closed last. The `Hub`
-knows every live client (WebSocket connections and SSE responses), for metrics and for
-the shutdown, which tells each to go away.
+Each connection receives in the task uvicorn runs it in and owns one more task, the
+sender draining the delivery (plus the delivery's log fills while it has any). Whatever
+ends first (client gone, heartbeat timeout, slow consumer, shutdown) closes the connection
+and the rest are cancelled and awaited; the broker subscription is closed last. The `Hub`
+knows every live client (WebSocket connections and SSE responses), for admission, metrics
+and the shutdown, which tells each to go away; its one heartbeat sweep pings every
+connection and closes the silent ones with 4000, so an idle connection has no task or
+timer of its own beyond the sender.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ _connection_ids = itertools.count(1)
 
 
 class Connection:
+    # Slots: tens of thousands of these live at once; a __dict__ each would cost ~300 bytes.
+    __slots__ = (
+        "_close_code",
+        "_close_reason",
+        "_close_requested",
+        "_interrupting",
+        "_last_received",
+        "_task",
+        "chat",
+        "delivery",
+        "name",
+        "runtime",
+        "settings",
+        "socket",
+        "user",
+    )
+
     def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, user: str) -> None:
         self.socket = socket
         self.runtime = runtime
@@ -70,19 +89,21 @@ class Connection:
             name=self.name,
             outbox_bytes=self.settings.outbox_bytes,
             on_overflow=self._slow_consumer,
+            hub=runtime.hub,
         )
-        self._close_requested = asyncio.Event()
+        self._close_requested = False
         self._close_code = CLOSE_GOING_AWAY
         self._close_reason = ""
         self._last_received = time.monotonic()
-        self.closed = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None  # the receiving task, while it receives
+        self._interrupting = False
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
         bind(conn=self.name)  # every log line of this connection's tasks names it
         hub = self.runtime.hub
-        hub.websockets.add(self)
+        hub.join_websocket(self, self.settings.heartbeat, self.settings.heartbeat_timeout)
         try:
             # Queued before the broker subscription exists: events of the user's streams may
             # arrive as soon as it does, and `hello` is the first frame of every connection.
@@ -99,31 +120,55 @@ class Connection:
                     self.request_close(CLOSE_GOING_AWAY, "server shutting down")
                 await self._supervise()
         finally:
-            hub.websockets.discard(self)
-            self.closed.set()
+            hub.leave_websocket(self)
 
     async def _supervise(self) -> None:
-        receive = asyncio.create_task(self._receive_loop(), name=f"{self.name} receive")
-        tasks = {
-            receive,
-            asyncio.create_task(self._send_loop(), name=f"{self.name} send"),
-            asyncio.create_task(self._heartbeat(), name=f"{self.name} heartbeat"),
-            asyncio.create_task(self._close_requested.wait(), name=f"{self.name} close"),
-        }
+        """Receive in this task, send in one of its own; whichever ends first ends the
+        other. A close request (heartbeat timeout, slow consumer, shutdown) or the sender
+        ending interrupts the receiving by cancelling this task (`_interrupt`)."""
+        sender = asyncio.create_task(self._send_loop(), name=f"{self.name} send")
+        sender.add_done_callback(self._sender_ended)
+        client_gone = False
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if not self._close_requested and not sender.done():
+                self._task = asyncio.current_task()
+                client_gone = await self._receive_until_interrupted()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        client_gone = receive in done and not receive.cancelled() and receive.exception() is None
-        if self._close_requested.is_set() or not client_gone:
+            self._task = None
+            sender.remove_done_callback(self._sender_ended)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        if self._close_requested or not client_gone:
             await self._close()
 
+    async def _receive_until_interrupted(self) -> bool:
+        """True when the client went away; False when interrupted (or on a bug, logged)."""
+        try:
+            await self._receive_loop()
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # Our own interrupt only: a cancel from outside (the server stopping) goes on.
+            if self._interrupting and task is not None and task.uncancel() == 0:
+                return False
+            raise
+        except Exception:
+            log.exception("connection %s failed while receiving", self.name)
+            return False
+
+    def _interrupt(self) -> None:
+        if self._task is not None and not self._interrupting:
+            self._interrupting = True
+            self._task.cancel()
+
+    def _sender_ended(self, _: asyncio.Task[None]) -> None:
+        self._interrupt()
+
     def request_close(self, code: int, reason: str = "") -> None:
-        if not self._close_requested.is_set():
+        if not self._close_requested:
+            self._close_requested = True
             self._close_code, self._close_reason = code, reason
-            self._close_requested.set()
+            self._interrupt()
 
     def _slow_consumer(self) -> None:
         self.runtime.metrics.slow_consumer_closes += 1
@@ -135,6 +180,18 @@ class Connection:
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.socket.close(code=self._close_code, reason=self._close_reason)
+
+    # ---- heartbeat (driven by the hub's one sweep) -----------------------------------------
+
+    def ping(self, t: int) -> None:
+        self.delivery.push(PingFrame(t=t))
+
+    def silent_since(self, sent: float) -> bool:
+        return self._last_received < sent and not self._close_requested
+
+    def timed_out(self) -> None:
+        self.runtime.metrics.heartbeat_timeouts += 1
+        self.request_close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -198,18 +255,6 @@ class Connection:
                 WebSocketSendEvent(type="websocket.send", text=encode_text(frame), bytes=None)
             )
 
-    async def _heartbeat(self) -> None:
-        interval, timeout = self.settings.heartbeat, self.settings.heartbeat_timeout
-        while True:
-            await asyncio.sleep(interval)
-            sent = time.monotonic()
-            self.delivery.push(PingFrame(t=int(time.time() * 1000)))
-            await asyncio.sleep(timeout)
-            if self._last_received < sent:
-                self.runtime.metrics.heartbeat_timeouts += 1
-                self.request_close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
-                return
-
 
 @websocket("/ws")
 async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
@@ -239,10 +284,8 @@ async def admission_refusal(
     if await connect_refusal(runtime, socket.scope) is not None:
         return "too many connection attempts; retry later"
     s = runtime.settings
-    live = runtime.hub.websockets
-    if len(live) >= s.max_connections:
+    if len(runtime.hub.websockets) >= s.max_connections:
         return "server is at its connection limit; retry later"
-    mine = sum(1 for c in live if isinstance(c, Connection) and c.user == user)
-    if mine >= s.max_connections_per_user:
+    if runtime.hub.connections_of(user) >= s.max_connections_per_user:
         return "too many connections for this user; close one"
     return None
