@@ -57,15 +57,17 @@ class FlushTicker:
 
     def wake(self, event: asyncio.Event) -> None:
         """A sender waiting on `event` has something new to send."""
+        self._requests += 1
+        if self.busy and (event.is_set() or event in self._pending):
+            # The hottest case under load, so no clock read: awake already, or queued for
+            # the tick, the sender takes what was joined when it runs.
+            return
         now = self._loop.time()
         if now >= self._window_end:
             self._measure(now)
-        self._requests += 1
         if not self.busy:
             event.set()
             return
-        if event.is_set():
-            return  # awake already: it takes what was joined when it runs
         self._pending[event] = None
         if self._timer is None:
             self._timer = self._loop.call_at(now + self.tick, self._flush)
