@@ -53,8 +53,8 @@ from backend.protocol import (
     STREAM_EXPIRED,
     TOO_LARGE,
 )
-from backend.providers import demo_reply
-from tests.harness import TIMEOUT, Client, Server, start_server
+from backend.providers import demo_reply, demo_tokens
+from tests.harness import TIMEOUT, Client, Server, StreamView, start_server
 from tests.redis_server import start_redis
 
 PROTOCOL_CODES: Final = frozenset(RETRYABLE)
@@ -91,6 +91,7 @@ TRICKY: Final = [
     "{",
     "}",
 ]
+FUZZ_PROMPT: Final = "fuzz"
 SETTLE: Final = 10.0  # the most the answers to a connection's frames may trail its last send
 
 
@@ -211,13 +212,27 @@ class FuzzContext:
     max_bytes: int
     max_text: int
     others: list[str] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)  # the demo tokens of FUZZ_PROMPT
     first_other: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def make_frame(rng: random.Random, ctx: FuzzContext, used: set[str]) -> Fuzzed:
+@dataclass
+class OwnStreams:
+    """The streams one fuzz connection started: `chats` sent, `ended` seen done, `finished`
+    ended and not being replayed now (a replay is sent only for those)."""
+
+    chats: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+    finished: list[str] = field(default_factory=list)
+
+
+def make_frame(
+    rng: random.Random, ctx: FuzzContext, used: set[str], own: OwnStreams | None = None
+) -> Fuzzed:
     """The next fuzz frame. `used` holds this connection's resumed and chatted ids (a second
     resume of an id supersedes the first: one answer for two frames, so none repeats), and
     `chat:<id>` for its chats (that id is this user's own stream from then on)."""
+    own = OwnStreams() if own is None else own
 
     def fresh(candidate: str) -> str:
         while candidate in used:
@@ -246,6 +261,8 @@ def make_frame(rng: random.Random, ctx: FuzzContext, used: set[str]) -> Fuzzed:
         return Fuzzed("resume-unknown", json.dumps(frame), ("error", code, sid))
     if roll < 0.80:
         sid = _id(rng)
+        while sid in used:  # not one of this user's streams, which a cancel may stop
+            sid = _id(rng)
         return Fuzzed(
             "cancel-unknown", json.dumps({"type": "cancel", "id": sid}), ("error", NOT_FOUND, sid)
         )
@@ -259,14 +276,21 @@ def make_frame(rng: random.Random, ctx: FuzzContext, used: set[str]) -> Fuzzed:
             used.add(sid)
             frame = {"type": "resume", "id": sid, "after": 0}
             return Fuzzed("other-user", json.dumps(frame), ("error", NOT_FOUND, sid))
-    if roll < 0.87 and ctx.others:
-        # A chat reusing another user's id: ids are per user, so this starts a stream of
-        # this user's own.
-        sid = rng.choice(ctx.others)
+    if roll < 0.875:
+        # A chat, half of them reusing another user's id: ids are per user, so that starts
+        # a stream of this user's own.
+        sid = rng.choice(ctx.others) if ctx.others and rng.random() < 0.5 else _id(rng)
         if sid not in used:
             used.update((sid, f"chat:{sid}"))
-            frame = {"type": "chat", "id": sid, "conversation": _id(rng), "text": "fuzz"}
+            own.chats.add(sid)
+            frame = {"type": "chat", "id": sid, "conversation": _id(rng), "text": FUZZ_PROMPT}
             return Fuzzed("chat", json.dumps(frame), ("chat", sid))
+    if roll < 0.89 and own.finished:
+        # Replay an own finished stream from anywhere, its end and beyond included.
+        sid = own.finished.pop(rng.randrange(len(own.finished)))
+        after = rng.randint(0, len(ctx.answer) + 3)
+        frame = {"type": "resume", "id": sid, "after": after}
+        return Fuzzed("resume-own", json.dumps(frame), ("replay", sid, after))
     if roll < 0.95:
         t: int | float = rng.choice([rng.randrange(-(2**53), 2**53), rng.uniform(-1e9, 1e9)])
         extra = {"extra": _text(rng, 5)} if rng.random() < 0.3 else {}
@@ -289,21 +313,70 @@ def _key(expect: tuple[Any, ...]) -> str:
     return json.dumps(expect)
 
 
+@dataclass
+class Replay:
+    """A resume of one of this connection's finished streams: what it must deliver."""
+
+    after: int
+    want: str  # the answer's text after `after`
+    text: str = ""
+    last: int = 0
+
+
 async def fuzz_connection(
     server: Server, rng: random.Random, ctx: FuzzContext, count: int, deadline: float
 ) -> ConnectionResult:
     """Send up to `count` fuzz frames (until `deadline`) on one new connection, reading
-    concurrently; then check every answer, and that a final ping is answered."""
+    concurrently; then check every answer, and that a final ping is answered. The
+    connection's own chats must stream the demo answer exactly, and so must every replay of
+    them (a `resume` from a random point once one has ended)."""
     result = ConnectionResult()
     expected: Counter[str] = Counter()
     received: Counter[str] = Counter()
-    chats: set[str] = set()
+    state = OwnStreams()
+    acked: set[str] = set()
+    refused: set[str] = set()  # chats answered `rate_limited`
+    views: dict[str, StreamView] = {}
+    replays: dict[str, Replay] = {}
     used: set[str] = set()
-    ended: set[str] = set()
     extra: list[str] = []
     client = await Client.connect(server)
     ws = client.ws
     final_t = rng.randrange(2**52, 2**53)
+    answer = "".join(ctx.answer)
+
+    def on_stream_frame(frame: dict[str, Any]) -> None:
+        sid, kind = frame["id"], frame["type"]
+        replay = replays.get(sid)
+        if replay is None:  # the chat's own stream
+            view = views.setdefault(sid, StreamView())
+            view.apply(frame)
+            if kind == "done":
+                if (
+                    view.text != answer
+                    or view.duplicates
+                    or view.gaps
+                    or frame["seq"] != len(ctx.answer)
+                ):
+                    extra.append(f"chat {sid}: not the exact answer ({frame})")
+                state.ended.add(sid)
+                state.finished.append(sid)
+            return
+        if kind == "token":
+            first = frame["seq"] - frame.get("n", 1) + 1
+            if first != replay.last + 1:
+                extra.append(
+                    f"replay of {sid} after {replay.after}: token {frame} after {replay.last}"
+                )
+            replay.text += frame["data"]
+            replay.last = frame["seq"]
+        elif kind == "done":
+            del replays[sid]
+            if replay.text == replay.want and frame["seq"] == len(ctx.answer):
+                received[_key(("replay", sid))] += 1
+            else:
+                extra.append(f"replay of {sid} after {replay.after} not exact: {frame}")
+            state.finished.append(sid)
 
     async def read() -> None:
         async for message in ws:
@@ -313,7 +386,8 @@ async def fuzz_connection(
                 result.errors[frame["code"]] += 1
                 if frame["code"] not in PROTOCOL_CODES:
                     extra.append(f"error code {frame['code']!r} is not in PROTOCOL.md")
-                if frame.get("id") in chats and frame["code"] == RATE_LIMITED:
+                if frame.get("id") in state.chats and frame["code"] == RATE_LIMITED:
+                    refused.add(frame["id"])
                     received[_key(("chat", frame["id"]))] += 1
                 else:
                     received[_key(("error", frame["code"], frame.get("id")))] += 1
@@ -323,30 +397,45 @@ async def fuzz_connection(
                     return
             elif kind == "ping":
                 await ws.send(json.dumps({"type": "pong", "t": frame["t"]}))
-            elif kind == "ack" and frame["id"] in chats:
+            elif kind == "ack" and frame["id"] in state.chats:
+                acked.add(frame["id"])
                 received[_key(("chat", frame["id"]))] += 1
-            elif kind in ("token", "done") and frame["id"] in chats:
-                if kind == "done":
-                    ended.add(frame["id"])
+            elif kind in ("token", "done") and frame["id"] in acked:
+                on_stream_frame(frame)
             else:
                 extra.append(f"unexpected frame {message[:200]}")
 
     reader = asyncio.create_task(read())
     try:
-        for _ in range(count):
+        for sent in range(count):
             if time.monotonic() > deadline or reader.done():
                 break
-            fuzzed = make_frame(rng, ctx, used)
+            fuzzed = make_frame(rng, ctx, used, state)
             result.tried[fuzzed.kind] += 1
-            if fuzzed.expect[0] != "none":
+            if fuzzed.expect[0] == "replay":
+                _, sid, after = fuzzed.expect
+                replays[sid] = Replay(after, "".join(ctx.answer[after:]), last=after)
+                expected[_key(("replay", sid))] += 1
+            elif fuzzed.expect[0] != "none":
                 expected[_key(fuzzed.expect)] += 1
-            if fuzzed.expect[0] == "chat":
-                chats.add(fuzzed.expect[1])
             await ws.send(fuzzed.payload)
+            if sent % 16 == 0:
+                # A send returns at once while the socket buffer has room: let the reader in.
+                await asyncio.sleep(0)
+            if sent == count // 2:
+                # Halfway, let an own stream end so that every connection replays some,
+                # however fast its frames go out (bounded: the checks below report a hang).
+                wait_until = time.monotonic() + SETTLE
+                while (
+                    not state.finished and state.chats - refused and time.monotonic() < wait_until
+                ):
+                    if reader.done():
+                        break
+                    await asyncio.sleep(0.01)
         # Answers from log reads (resumes) may trail: wait for all before the final ping.
         settle = time.monotonic() + SETTLE
         while (
-            any(received[k] < n for k, n in expected.items()) or not chats <= ended
+            any(received[k] < n for k, n in expected.items()) or not acked <= state.ended or replays
         ) and time.monotonic() < settle:
             if reader.done():
                 break
@@ -370,10 +459,8 @@ async def fuzz_connection(
     for key in expected.keys() | received.keys():
         if received[key] != expected[key]:
             result.problems.append(f"{key}: expected {expected[key]}, received {received[key]}")
-    unfinished = chats - ended
-    if unfinished and not result.dropped:
-        accepted = {c for c in unfinished if received[_key(("chat", c))]}
-        result.problems += [f"chat {c} acked but never done" for c in sorted(accepted)]
+    if not result.dropped:
+        result.problems += [f"chat {c} acked but never done" for c in sorted(acked - state.ended)]
     result.problems += extra
     return result
 
@@ -763,6 +850,7 @@ async def run_live(
     ctx = FuzzContext(
         max_bytes=int(server.env["TOKENWIRE_MAX_FRAME_BYTES"]),
         max_text=int(server.env["TOKENWIRE_MAX_TEXT_CHARS"]),
+        answer=demo_tokens(FUZZ_PROMPT, paragraphs),
     )
     baseline = open_connections(server)
     log_start = len(server.log())
