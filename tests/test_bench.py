@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.__main__ import FIGURES
+from bench.resume import DUPLICATED, LOST
 from tests.harness import ROOT
 
 SMOKE_TIMEOUT = 170.0  # the whole smoke run takes well under a minute on two idle cores
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def present() -> list[str]:
-    """The figure modules that exist: every one, once all of issue 7 is in."""
-    return [name for name in FIGURES if (ROOT / "bench" / f"{name}.py").exists()]
 
 
 def values(figure: dict[str, Any], metric: str) -> dict[str, list[float]]:
@@ -29,10 +25,8 @@ def values(figure: dict[str, Any], metric: str) -> dict[str, list[float]]:
 
 
 def test_smoke_run_writes_every_figure_with_measured_values(tmp_path: Path) -> None:
-    names = present()
-    only = ",".join(names)
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--only", only, "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -47,7 +41,7 @@ def test_smoke_run_writes_every_figure_with_measured_values(tmp_path: Path) -> N
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["failed"] == []
     figures = {f["key"]: f for f in record["figures"]}
-    assert len(figures) == len(names)
+    assert list(figures) == list(FIGURES)
     assert "machine:" in markdown and "litestar" in markdown and "python-socketio" in markdown
     for figure in figures.values():
         assert f"## {figure['title']}" in markdown
@@ -57,32 +51,31 @@ def test_smoke_run_writes_every_figure_with_measured_values(tmp_path: Path) -> N
             assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
             assert f"]({name})" in markdown
 
-    if "throughput" in figures:
-        received = values(figures["throughput"], "tokens received")
-        assert set(received) == {"bare websockets", "python-socketio", "tokenwire"}
-        assert all(samples and min(samples) > 0 for samples in received.values()), received
-        assert "lost: 0, duplicated: 0" in " ".join(figures["throughput"]["notes"])
-    if "latency" in figures:
-        received = values(figures["latency"], "tokens received")
-        assert set(received) == {
-            "bare websockets",
-            "python-socketio",
-            "tokenwire",
-            "tokenwire via Redis",
-        }
-        assert all(samples and min(samples) > 0 for samples in received.values()), received
-        p99 = [r for r in figures["latency"]["rows"] if r["metric"].startswith("p99")]
-        assert len(p99) == 4 and all(r["samples"][0] > 0 for r in p99)
-    if "resume" in figures:
-        rows = figures["resume"]["rows"]
-        lost = [s for r in rows if "lost" in r["metric"] for s in r["samples"]]
-        duplicated = [s for r in rows if "duplicat" in r["metric"] for s in r["samples"]]
-        assert lost and duplicated, rows
-        assert set(lost) == {0} and set(duplicated) == {0}, rows
-    if "page_load" in figures:
-        cold = values(figures["page_load"], "cold: usable input")
-        assert cold["MicroPython"][0] > 0
-        assert values(figures["page_load"], "bytes, cold")["MicroPython"][0] > 0
+    held = values(figures["idle"], "connections held at the top level")
+    assert held and all(samples[0] > 0 for samples in held.values()), held
+    received = values(figures["throughput"], "tokens received")
+    assert set(received) == {"bare websockets", "python-socketio", "tokenwire"}
+    assert all(samples and min(samples) > 0 for samples in received.values()), received
+    assert "lost: 0, duplicated: 0" in " ".join(figures["throughput"]["notes"])
+    received = values(figures["latency"], "tokens received")
+    assert set(received) == {
+        "bare websockets",
+        "python-socketio",
+        "tokenwire",
+        "tokenwire via Redis",
+    }
+    assert all(samples and min(samples) > 0 for samples in received.values()), received
+    p99 = [r for r in figures["latency"]["rows"] if r["metric"].startswith("p99")]
+    assert len(p99) == 4 and all(r["samples"][0] > 0 for r in p99)
+    lost = values(figures["resume"], LOST)
+    duplicated = values(figures["resume"], DUPLICATED)
+    assert set(lost) == set(duplicated) == {"tokenwire", "tokenwire via Redis"}
+    assert all(samples == [0] for samples in [*lost.values(), *duplicated.values()])
+    cuts = values(figures["resume"], "connection cuts")
+    assert all(samples[0] > 0 for samples in cuts.values()), cuts
+    cold = values(figures["page_load"], "cold: usable input")
+    assert cold["MicroPython"][0] > 0
+    assert values(figures["page_load"], "bytes, cold")["MicroPython"][0] > 0
 
 
 def test_a_missing_figure_module_fails_the_run_clearly(tmp_path: Path) -> None:
