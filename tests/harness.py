@@ -69,18 +69,32 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
+class PortTaken(RuntimeError):
+    """Another process took the port picked for a server before the server could bind it
+    (`free_port` only finds a port free at that moment; many servers start at once)."""
+
+
+PORT_ATTEMPTS = 3
+
+
 def start_server(tmp: Path, **env: Any) -> Server:
     """Start `python -m backend` with TOKENWIRE_<KEY>=value for each keyword; wait for it."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "PORT": str(port),
-        "TOKENWIRE_DB": str(tmp / f"history-{port}.db"),
-        "TOKENWIRE_SECRET": "test-secret-0123456789abcdef",
-        "TOKENWIRE_LOG_LEVEL": "warning",
-    }
-    full_env.update({f"TOKENWIRE_{k.upper()}": str(v) for k, v in env.items()})
-    return _launch(port, full_env, tmp / f"server-{port}.log")
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        full_env = {
+            **os.environ,
+            "PORT": str(port),
+            "TOKENWIRE_DB": str(tmp / f"history-{port}.db"),
+            "TOKENWIRE_SECRET": "test-secret-0123456789abcdef",
+            "TOKENWIRE_LOG_LEVEL": "warning",
+        }
+        full_env.update({f"TOKENWIRE_{k.upper()}": str(v) for k, v in env.items()})
+        try:
+            return _launch(port, full_env, tmp / f"server-{port}.log")
+        except PortTaken:
+            if attempt == PORT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def restart(old: Server) -> Server:
@@ -97,15 +111,28 @@ def _launch(port: int, env: dict[str, str], log_path: Path) -> Server:
             [sys.executable, "-m", "backend"], cwd=ROOT, env=env, stdout=out, stderr=out
         )
     server = Server(proc, port, env, log_path)
+    # The node's default name (backend/settings.py): a server answering with another name
+    # is some other process on the port, and ours is about to fail to bind it.
+    node = env.get("TOKENWIRE_NODE", "").strip() or f"{socket.gethostname()}-{proc.pid}"
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if "cannot listen on" in server.log():
+                raise PortTaken(f"port {port} was taken:\n{server.log()}")
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                return server
+            response = httpx.get(f"{server.url}/healthz", timeout=1)
         except httpx.TransportError:
-            pass
+            response = None
+        if response is not None and response.status_code == 200:
+            try:
+                answered = response.json().get("node")
+            except (ValueError, AttributeError):
+                answered = None  # not even a tokenwire server
+            if answered == node:
+                return server
+            server.stop(signal.SIGKILL)
+            raise PortTaken(f"port {port} answers as {answered!r}, not as {node!r}")
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not start:\n{server.log()}")
