@@ -154,6 +154,9 @@ def run(config: Config) -> Figure:
             f"lost: {t.lost}, duplicated: {t.duplicated}, wrong: {t.wrong}"
             + (f"; PROBLEMS: {'; '.join(problems)[:600]}" if problems else "; every stream exact")
         )
+    for name in PEERS:
+        nodes = ", ".join(f"{node} {count:,}" for node, count in totals[name].nodes.items())
+        figure.notes.append(f"{name}: connections per node: {nodes}")
     redis = totals[TOKENWIRE_REDIS]
     if redis.drops:
         figure.notes.append(

@@ -100,6 +100,7 @@ class Tally:
     cross_node: int = 0  # reconnects that landed on another node than the connection before
     failures: Counter[str] = field(default_factory=Counter)  # why streams failed
     connection_errors: Counter[str] = field(default_factory=Counter)
+    nodes: Counter[str] = field(default_factory=Counter)  # connections opened, per node
     replay_latency: list[float] = field(default_factory=list)  # seconds, see ResumingClient
     undecodable: list[str] = field(default_factory=list)  # the first few, for the report
     # The last events of the first few failed streams, for the report.
@@ -308,6 +309,7 @@ class ResumingClient:
         node = hello.get("node")
         if self.node is not None and node != self.node:
             self.tally.cross_node += 1
+        self.tally.nodes[str(node)] += 1
         self.node = node
         self.tally.connects += 1
         self._opened += 1
