@@ -1,8 +1,9 @@
 """Live fuzz of a running tokenwire: random and malformed frames at speed on `/ws`, random
 requests to the HTTP API, while normal clients stream chats.
 
-`python -m bench.fuzz [--frames 100000] [--seconds 60]` starts its own server (loopback,
-a free port) and prints what it tried and what it found; `tests/test_fuzz_live.py` runs the
+`python -m bench.fuzz [--frames 100000] [--seconds 60] [--redis]` starts its own server
+(loopback, a free port; with `--redis` on a redis-server it starts too) and prints what it
+tried and what it found; it exits 1 if anything failed. `tests/test_fuzz_live.py` runs the
 same fuzz at CI scale. Everything is bounded: a number of frames and requests, and a
 deadline in seconds, whichever comes first.
 
@@ -13,7 +14,9 @@ server answers `error` and carries on"):
   the right code (and id, where the frame had a valid one) for each bad frame, one `pong`
   per `ping`, one `ack` (or `rate_limited`) per new `chat`; and nothing else;
 - every fuzz connection stays open and usable (a final `ping` gets its `pong`);
-- the normal clients' texts are exactly the demo model's answers, once, in order;
+- the normal clients' texts are exactly the demo model's answers, once, in order; so are
+  the fuzz connections' own chats, and every replay of them (a `resume` from a random
+  point, the end and beyond included);
 - every HTTP answer is 2xx or 4xx (never 5xx), errors in the `error` frame's JSON shape;
 - afterwards the server runs, `tokenwire_connections` and `tokenwire_sse_responses` are
   back to their baselines (no connection leaked), and its log holds no traceback.
