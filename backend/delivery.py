@@ -40,6 +40,25 @@ MAX_WATCH = 5.0
 
 
 class Delivery:
+    # Slots: one per connection, tens of thousands at once; a __dict__ each costs ~600 bytes.
+    __slots__ = (
+        "_fills",
+        "_hub",
+        "_on_overflow",
+        "_only_stream",
+        "_progress",
+        "_room",
+        "_subscription",
+        "_wake",
+        "_watched",
+        "broker",
+        "chat",
+        "name",
+        "outbox",
+        "stopped",
+        "user",
+    )
+
     def __init__(
         self,
         *,
