@@ -6,11 +6,11 @@ tokenwire in one process, and tokenwire through Redis (the chat goes to node a, 
 generates; the same user's connection to node b is the one measured, so every token
 crosses node a -> Redis -> node b).
 
-Server and clients are pinned apart as in figure 2, except the Redis hop's redis-server
-and two nodes, which the scheduler spreads over both cores. The load client's chat goes
-over a WebSocket of the same user on node a, which therefore also delivers every token
-(a user with two tabs). The client stamps a message with the
-time its bytes arrived, before decoding, so decoding costs are not counted.
+Server and clients are pinned apart as in figure 2 (on an idle machine), except the
+Redis hop's redis-server and two nodes, which the scheduler spreads over both cores. The
+load client's chat goes over a WebSocket of the same user on node a, which therefore also
+delivers every token (a user with two tabs). The client stamps a message with the time
+its bytes arrived, before decoding, so decoding costs are not counted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench.common import (
     bar_plot,
     client_cpus,
     fmt,
-    pinning,
+    pinning_note,
     progress,
     serve_peer,
 )
@@ -117,12 +117,8 @@ def run(config: Config) -> Figure:
         f"Streams: {checked['streams']}, each token once and in order: {checked['exact']}, "
         f"tokens lost: {checked['lost']}, duplicated: {checked['duplicated']}. "
         f"Each stream {size.paragraphs}-paragraph demo length at {RATE:.0f} tokens/s; "
-        + (
-            "servers pinned to CPU 0 (the Redis hop's three processes left to the scheduler), "
-            "clients to CPU 1."
-            if pinning()
-            else "no CPU pinning."
-        )
+        + pinning_note()
+        + " (the Redis hop's three processes are left to the scheduler)."
     )
     bars = {}
     for name in PEERS:
