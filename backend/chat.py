@@ -389,12 +389,21 @@ class ChatService:
         may already have ended the stream for its readers."""
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            for key, gen in list(self._running.items()):
-                try:
-                    held = await self.leases.renew(key, self.node, self.lease_ttl)
-                except STORAGE_ERRORS:
-                    continue  # the storage is down: so is every other node's view of it
-                if not held and gen.stop is None:
+            running = list(self._running.items())
+            # All at once (the Redis pool bounds how many are in flight): one round trip
+            # after another, a node with hundreds of generations under load took longer than
+            # a lease to get round them, and leases lapsed mid-stream.
+            renewed = await asyncio.gather(
+                *(self.leases.renew(key, self.node, self.lease_ttl) for key, _ in running),
+                return_exceptions=True,
+            )
+            for (key, gen), held in zip(running, renewed, strict=True):
+                if isinstance(held, BaseException):
+                    if isinstance(held, STORAGE_ERRORS):
+                        continue  # the storage is down: so is every other node's view of it
+                    raise held
+                # A generation that ended meanwhile released its lease: nothing was lost.
+                if not held and gen.stop is None and self._running.get(key) is gen:
                     log.warning("generation %s lost its lease; stopping it", gen.id)
                     _stop(gen, "lease")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import signal
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from typing import Final
 
 from bench.common import UNLIMITED, Usage, fmt
 from e2e.proxy import TcpProxy
-from tests.chaos import Tally, gauges, run_streams
+from tests.chaos import Tally, gauges, run_streams, warm_up
 from tests.harness import Client, Server, start_chat, start_server
 from tests.redis_server import start_redis
 
@@ -72,6 +73,8 @@ async def metrics_of(servers: list[Server]) -> list[dict[str, float]]:
 
 async def soak(servers: list[Server], args: argparse.Namespace, seed: int) -> Figures:
     clients = max(1, args.streams // args.per_client)
+    for server in servers:
+        await warm_up(server)
     before = [gauges(m) for m in await metrics_of(servers)]
     figures = Figures(Tally(), Counter(), 0.0, gauges_before=before)
     figures.rss_before = figures.rss_peak = rss(servers)
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", action="store_true", help="two nodes sharing a Redis")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="soaks of the same server")
+    parser.add_argument("--logs", type=Path, help="copy the servers' logs into this directory")
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--seconds must be in (0, {MAX_SECONDS:.0f}]")
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(Path(tmp), **env)
             stack.callback(server.stop, signal.SIGKILL)
             servers.append(server)
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for server in servers:
+                stack.callback(shutil.copy, server.log_path, args.logs)
         rounds = []
         for index in range(args.rounds):
             rounds.append(asyncio.run(soak(servers, args, seed=args.seed + index)))

@@ -47,6 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from backend.providers import DEFAULT_PARAGRAPHS, demo_tokens
+from tests.harness import Client, Server, start_chat
 
 # The browser's client cores import each other as `tokenwire.core...`, with `frontend/` as
 # the import root (as in tests/frontend/conftest.py).
@@ -432,7 +433,7 @@ class ResumingClient:
             return
         stream = self._stream(id)
         if stream is not None:
-            stream.trace.append(("error", self._opened, frame["code"]))
+            stream.trace.append(("error", self._opened, frame["code"], frame["message"][:80]))
         if stream is not None and self.session.on_error(frame) is not None:
             self._finish(stream, frame)
 
@@ -554,6 +555,19 @@ async def run_streams(
 
 
 # ---- the server's side -------------------------------------------------------------------
+
+
+async def warm_up(server: Server) -> None:
+    """One chat to its end on `server`, outside any chaos: a server starts some of its
+    one-per-process tasks (sweeps, Redis pipelines) on first use, so its baseline is taken
+    after one client came and went."""
+    client = await Client.connect(server)
+    try:
+        stream, _ = await start_chat(client, "warm up")
+        await client.until_end(stream)
+    finally:
+        await client.close()
+
 
 # Gauges that must come back to their values before a run once all clients left.
 BASELINE_GAUGES: Final = (

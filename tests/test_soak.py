@@ -26,7 +26,7 @@ from backend.providers import DemoProvider, demo_reply
 from backend.ratelimit import MemoryRateLimiter
 from backend.streams import MemoryStreamLog
 from e2e.proxy import TcpProxy
-from tests.chaos import Tally, gauges, run_streams
+from tests.chaos import Tally, gauges, run_streams, warm_up
 from tests.conftest import FAST_DEMO
 from tests.harness import TIMEOUT, Client, Server, new_id, wait_for
 from tests.redis_server import RedisServer
@@ -46,6 +46,9 @@ CUTS_PER_SECOND: Final = 8.0
 PATIENCE: Final = 30.0  # the longest one chat may take to end, cuts included
 BASELINE_DEADLINE: Final = 15.0
 CHATS_WHILE_CONNECTING: Final = 100
+LEASE: Final = 1.0
+RENEW_DELAY: Final = 0.05
+GENERATIONS: Final = 60  # x RENEW_DELAY: three leases, renewed one after another
 SAME_CHAT_ATTEMPTS: Final = 30
 
 
@@ -98,6 +101,7 @@ async def test_every_stream_exact_under_random_cuts_and_the_server_back_to_basel
     make_server: Callable[..., Server],
 ) -> None:
     server = make_server(**NO_LIMITS)
+    await warm_up(server)
     baseline = [gauges(server.metrics())]
     assert {"tokenwire_connections", "tokenwire_subscriptions", "tokenwire_streams_active"} <= set(
         baseline[0]
@@ -114,6 +118,8 @@ async def test_two_nodes_through_redis_every_reconnect_on_the_other_node(
 ) -> None:
     settings = {**NO_LIMITS, "redis_url": own_redis.url, "lease_seconds": 2}
     nodes = [make_server(node=f"soak-{label}-{new_id()[:6]}", **settings) for label in "ab"]
+    for node in nodes:
+        await warm_up(node)
     baseline = [gauges(node.metrics()) for node in nodes]
     with (
         TcpProxy(nodes[0].port, max_connections=4 * CLIENTS) as proxy_a,
@@ -129,7 +135,43 @@ async def test_two_nodes_through_redis_every_reconnect_on_the_other_node(
     await back_to(nodes, baseline)
 
 
-# ---- a bug the soak found ------------------------------------------------------------------
+# ---- bugs the soak found -------------------------------------------------------------------
+
+
+def chat_service(
+    history: SqliteHistory,
+    broker: MemoryBroker,
+    leases: MemoryLeases,
+    provider: DemoProvider,
+    lease_ttl: float,
+) -> ChatService:
+    """A chat service in this process, on the memory backends and a real SQLite history."""
+    return ChatService(
+        log=MemoryStreamLog(max_tokens=10_000),
+        broker=broker,
+        history=history,
+        provider=provider,
+        registry=MemoryRequestRegistry(),
+        leases=leases,
+        limiter=MemoryRateLimiter(),
+        chat_rate=100_000.0,
+        chat_burst=100_000.0,
+        node="solo",
+        stream_ttl=60.0,
+        max_tokens=10_000,
+        context_messages=0,
+        lease_ttl=lease_ttl,
+    )
+
+
+async def answer(chat: ChatService, user: str, stream: str) -> str:
+    """The stream's whole text once it ended with `done`."""
+    while True:
+        piece = await chat.read_after(user, stream, 0, 10_000)
+        if piece.end is not None:
+            assert isinstance(piece.end, DoneFrame), piece.end
+            return "".join(piece.tokens)
+        await asyncio.sleep(0.02)
 
 
 async def test_a_chat_whose_client_left_while_it_was_accepted_still_answers(
@@ -150,23 +192,14 @@ async def test_a_chat_whose_client_left_while_it_was_accepted_still_answers(
 
     history.add_user_message = slow_disk  # type: ignore[method-assign]
     broker = MemoryBroker()
-    chat = ChatService(
-        log=MemoryStreamLog(max_tokens=1000),
-        broker=broker,
-        history=history,
-        provider=DemoProvider(
+    chat = chat_service(
+        history,
+        broker,
+        MemoryLeases(),
+        DemoProvider(
             first_token_delay=FAST_DEMO["demo_first_token_delay"],
             tokens_per_second=FAST_DEMO["demo_tokens_per_second"],
         ),
-        registry=MemoryRequestRegistry(),
-        leases=MemoryLeases(),
-        limiter=MemoryRateLimiter(),
-        chat_rate=100.0,
-        chat_burst=100.0,
-        node="solo",
-        stream_ttl=60.0,
-        max_tokens=1000,
-        context_messages=0,
         lease_ttl=10.0,
     )
     await chat.open()
@@ -181,16 +214,8 @@ async def test_a_chat_whose_client_left_while_it_was_accepted_still_answers(
         again = await chat.start("u1", stream, conversation, prompt, origin="c2")
         assert again.conversation == conversation
 
-        async def ended() -> str:
-            while True:
-                piece = await chat.read_after("u1", stream, 0, 10_000)
-                if piece.end is not None:
-                    assert isinstance(piece.end, DoneFrame)
-                    return "".join(piece.tokens)
-                await asyncio.sleep(0.02)
-
         async with asyncio.timeout(TIMEOUT):
-            assert await ended() == demo_reply(prompt)
+            assert await answer(chat, "u1", stream) == demo_reply(prompt)
     finally:
         await chat.aclose()
         await history.aclose()
@@ -259,3 +284,39 @@ async def test_the_same_chat_sent_to_two_nodes_at_once_is_answered_on_both(
     finally:
         await first.close()
         await second.close()
+
+
+class SlowLeases(MemoryLeases):
+    """Leases on a storage that takes `RENEW_DELAY` per renewal, as a loaded Redis does."""
+
+    async def renew(self, key: str, node: str, ttl: float) -> bool:
+        await asyncio.sleep(RENEW_DELAY)
+        return await super().renew(key, node, ttl)
+
+
+async def test_a_node_with_many_generations_renews_every_lease_in_time(tmp_path: Path) -> None:
+    """Under the two-node soak, a node with ~150 generations lost leases mid-stream: it
+    renewed them one round trip after another, which took longer than a lease, and each
+    lapsed lease stopped its answer with `provider_error`. Renewals must not add up."""
+    history = await SqliteHistory.open(str(tmp_path / "history.db"))
+    broker = MemoryBroker()
+    # Each answer lasts about two leases; one renewal after another would take ~3 leases.
+    chat = chat_service(
+        history,
+        broker,
+        SlowLeases(),
+        DemoProvider(first_token_delay=0, tokens_per_second=50, paragraphs=1),
+        lease_ttl=LEASE,
+    )
+    await chat.open()
+    try:
+        prompts = {new_id(): f"renew me {i}" for i in range(GENERATIONS)}
+        for stream, prompt in prompts.items():
+            await chat.start("u1", stream, new_id(), prompt, origin="c1")
+        async with asyncio.timeout(TIMEOUT):
+            for stream, prompt in prompts.items():
+                assert await answer(chat, "u1", stream) == demo_reply(prompt, paragraphs=1)
+    finally:
+        await chat.aclose()
+        await history.aclose()
+        await broker.aclose()
