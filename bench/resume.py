@@ -136,6 +136,9 @@ def run(config: Config) -> Figure:
             )
             figure.row(name, LOST, "tokens", goal="0").samples.append(t.lost)
             figure.row(name, DUPLICATED, "tokens", goal="0").samples.append(t.duplicated)
+            figure.row(name, "stale live tokens before a resume's answer", "tokens").samples.append(
+                t.stale
+            )
             figure.row(name, "connection cuts", "cuts", goal=f">= {size.cuts:,}").samples.append(
                 outcome.cuts
             )
@@ -163,6 +166,12 @@ def run(config: Config) -> Figure:
             f"{TOKENWIRE_REDIS}: {redis.cross_node:,} of {redis.drops:,} reconnects landed on "
             "the other node (the rest followed a failed attempt, cut during the upgrade)."
         )
+    figure.notes.append(
+        "Stale live tokens: tokens at or below a resume's `after` that reached the new "
+        "connection before its answer (live events of the stream not yet delivered when the "
+        "connection opened, e.g. late from Redis); PROTOCOL.md allows this race and the "
+        "client rule drops them, so they are counted apart from duplicates."
+    )
     figure.notes.append(
         "Time to the first replayed token counts from the start of the successful "
         "reconnect attempt (backoff excluded); it includes waiting for the provider when "

@@ -157,6 +157,7 @@ def report(figures: Figures, args: argparse.Namespace) -> str:
         ("resumes (streams asked for again after a reconnect)", f"{t.resumes:,}"),
         ("tokens lost", f"{t.lost:,}"),
         ("tokens duplicated", f"{t.duplicated:,}"),
+        ("stale live tokens before a resume's answer (allowed, dropped)", f"{t.stale:,}"),
         ("tokens wrong", f"{t.wrong:,}"),
         (
             "reconnect -> first replayed token, p50 / p99",

@@ -20,7 +20,11 @@ connection and stream (`Tally`):
   `A + 1`, which may repeat live tokens that reached this connection before the server read
   the resume. Each request allows one such restart;
 - wrong: tokens whose text is not the provider's for their seq (`demo_tokens`), and final
-  texts that differ from `demo_reply`.
+  texts that differ from `demo_reply`;
+- stale (counted apart, not a failure): tokens at or below `A` that reach a new connection
+  before anything beyond `A` did. They are live events of the stream that the server had
+  not delivered when the connection opened (late from Redis) and forwards before it reads
+  the client's `resume`; PROTOCOL.md lets this race happen and the client rule drops them.
 
 The driver `run_streams` runs many clients in one event loop, each keeping several chats
 going back to back. The cuts come from `e2e.proxy.TcpProxy.start_chaos` between the clients
@@ -90,6 +94,7 @@ class Tally:
     frames: int = 0  # token frames received
     lost: int = 0
     duplicated: int = 0
+    stale: int = 0  # see the module docstring: allowed by the protocol, reported apart
     wrong: int = 0
     stray: int = 0  # frames of streams this client never asked for on that connection
     bad_frames: int = 0  # frames the client could not decode
@@ -125,7 +130,7 @@ class Tally:
         if self.undecodable:
             found.append(f"undecodable frames, the first ones: {self.undecodable}")
         for trace in self.failed_traces:
-            found.append(f"a failed stream's last events: {trace}")
+            found.append(f"a failed or broken stream's last events: {trace}")
         if self.connection_errors:
             found.append(f"connection errors by code: {dict(self.connection_errors)}")
         return found
@@ -171,6 +176,8 @@ class ChaosStream:
     wire_last: int | None = None  # last seq received on the current connection
     restarts: list[int] = field(default_factory=list)  # allowed restart points, see module
     replay_from: float | None = None  # when the reconnect awaiting its first frame began
+    asked_after: int = 0  # `after` of the request on the current connection
+    beyond: bool = False  # a token above `asked_after` came on the current connection
     # Its last events (connection, frame summary), reported if it fails.
     trace: deque[tuple[Any, ...]] = field(default_factory=lambda: deque(maxlen=TRACE_EVENTS))
 
@@ -347,6 +354,7 @@ class ResumingClient:
         stream.trace.append(("ask", self._opened, self.node, after, shown.acked))
         stream.wire_last = after
         stream.restarts = [after + 1]
+        stream.asked_after, stream.beyond = after, False
         if not shown.acked:
             return wire.chat(stream.id, stream.conversation, stream.prompt, after=after)
         shown.resume_pending = True  # the session's own rule, as its resume_frames does
@@ -440,6 +448,11 @@ class ResumingClient:
     def _audit(self, stream: ChaosStream, first: int, seq: int) -> None:
         last = stream.wire_last
         assert last is not None  # _stream checked it
+        beyond = stream.beyond
+        stream.beyond = beyond or seq > stream.asked_after
+        if not beyond and seq <= stream.asked_after and first <= last:
+            self.tally.stale += seq - first + 1
+            return
         if first == last + 1:
             stream.wire_last = seq
         elif first in stream.restarts:
@@ -448,9 +461,16 @@ class ResumingClient:
         elif first <= last:
             self.tally.duplicated += min(seq, last) - first + 1
             stream.wire_last = max(last, seq)
+            self._anomaly(stream, "duplicated", first, seq)
         else:
             self.tally.lost += first - last - 1
             stream.wire_last = seq
+            self._anomaly(stream, "lost", first, seq)
+
+    def _anomaly(self, stream: ChaosStream, what: str, first: int, seq: int) -> None:
+        if len(self.tally.failed_traces) < MAX_SAMPLES:
+            trace = [*stream.trace, (what, self._opened, first, seq, stream.restarts[:])]
+            self.tally.failed_traces.append(trace)
 
     def _replayed(self, stream: ChaosStream) -> None:
         if stream.replay_from is not None:
