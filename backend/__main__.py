@@ -25,6 +25,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from backend.app import Runtime, create_app
 from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
+from backend.transports.websocket import edge_send
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def main() -> int:
         return 2
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        edge_send(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -17,11 +17,12 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from litestar import WebSocket, websocket
+from litestar.enums import ScopeType
 from litestar.exceptions import WebSocketDisconnect
-from litestar.types import WebSocketSendEvent
+from litestar.types import ASGIApp, Receive, Scope, Send, WebSocketSendEvent
 
 from backend.chat import ChatError
 from backend.delivery import Delivery
@@ -241,11 +242,30 @@ class Connection:
     # ---- sending -------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        send = self.socket.send
+        # After the accept, every middleware's send wrapper only passes frames on (they
+        # add headers to the accept and to HTTP responses): frames go to the server's own
+        # send when `edge_send` captured it, ~3 µs less per frame (a profile's figure).
+        raw: Send | None = cast(dict[str, Any], self.socket.scope).get(RAW_SEND_KEY)
+        send = raw or self.socket.send
         while (frame := await self.delivery.next_frame()) is not None:
             await send(
                 WebSocketSendEvent(type="websocket.send", text=encode_text(frame), bytes=None)
             )
+
+
+RAW_SEND_KEY: Final = "tokenwire.raw_send"
+
+
+def edge_send(app: ASGIApp) -> ASGIApp:
+    """Outside every middleware: keep the server's own `send` of a WebSocket in its scope,
+    for the connection's frames after the accept (`Connection._send_loop`)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.WEBSOCKET:
+            cast(dict[str, Any], scope)[RAW_SEND_KEY] = send
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 @websocket("/ws")
