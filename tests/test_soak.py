@@ -166,11 +166,13 @@ def chat_service(
 
 async def answer(chat: ChatService, user: str, stream: str) -> str:
     """The stream's whole text once it ended with `done`."""
+    deadline = time.monotonic() + TIMEOUT
     while True:
         piece = await chat.read_after(user, stream, 0, 10_000)
         if piece.end is not None:
             assert isinstance(piece.end, DoneFrame), piece.end
             return "".join(piece.tokens)
+        assert time.monotonic() < deadline, f"stream {stream} never ended"
         await asyncio.sleep(0.02)
 
 

@@ -419,23 +419,30 @@ async def saved_messages(server: Server, client: Client, conversation: str) -> l
     return messages
 
 
-async def test_sigterm_tells_clients_1001_and_lets_the_answer_finish(make_server: Any) -> None:
-    # 100 tokens a second: the answer takes about 2.5 s, well within the grace period.
-    server = make_server(shutdown_timeout=10, demo_tokens_per_second=100, log_level="info")
-    prompt = "finished after the goodbye"
+async def sigterm_mid_answer(server: Server, prompt: str) -> tuple[Client, str, str]:
+    """Three clients connected, one answer a few tokens in, then SIGTERM: every client is
+    told 1001 and the process exits. The client that asked, its stream and conversation."""
     clients = [await Client.connect(server) for _ in range(3)]
     stream, conversation = await start_chat(clients[0], prompt)
     await clients[0].until(lambda f: f["type"] == "token" and f["seq"] >= 3)
     server.proc.terminate()
     codes = [await c.drain_until_closed() for c in clients]
     assert codes == [1001, 1001, 1001]
-    shown = clients[0].view(stream)
+    return clients[0], stream, conversation
+
+
+async def test_sigterm_tells_clients_1001_and_lets_the_answer_finish(make_server: Any) -> None:
+    # 100 tokens a second: the answer takes about 2.5 s, well within the grace period.
+    server = make_server(shutdown_timeout=10, demo_tokens_per_second=100, log_level="info")
+    prompt = "finished after the goodbye"
+    client, stream, conversation = await sigterm_mid_answer(server, prompt)
+    shown = client.view(stream)
     assert shown.end is None and shown.last < len(demo_tokens(prompt)), "not mid-stream"
     # uvicorn re-raises the signal it handled once its graceful shutdown is done.
     assert await asyncio.to_thread(server.proc.wait, TIMEOUT) in (0, -signal.SIGTERM)
 
     # The generation went on after its clients were told to go: saved whole and complete.
-    messages = await saved_messages(server, clients[0], conversation)
+    messages = await saved_messages(server, client, conversation)
     assert [(m.role, m.text, m.complete) for m in messages] == [
         ("user", prompt, True),
         ("assistant", demo_reply(prompt), True),
@@ -449,18 +456,13 @@ async def test_sigterm_stops_an_answer_still_running_when_the_grace_period_ends(
     # 20 tokens a second: the answer would take about 12 s; the grace period is 1 s.
     server = make_server(shutdown_timeout=1, demo_tokens_per_second=20, log_level="info")
     prompt = "interrupted answer"
-    clients = [await Client.connect(server) for _ in range(3)]
-    stream, conversation = await start_chat(clients[0], prompt)
-    await clients[0].until(lambda f: f["type"] == "token" and f["seq"] >= 3)
-    server.proc.terminate()
-    codes = [await c.drain_until_closed() for c in clients]
-    assert codes == [1001, 1001, 1001]
+    client, stream, conversation = await sigterm_mid_answer(server, prompt)
     assert await asyncio.to_thread(server.proc.wait, TIMEOUT) in (0, -signal.SIGTERM)
 
     # The partial answer was saved as incomplete.
-    messages = await saved_messages(server, clients[0], conversation)
+    messages = await saved_messages(server, client, conversation)
     assert [(m.role, m.complete) for m in messages] == [("user", True), ("assistant", False)]
-    shown = clients[0].view(stream).text
+    shown = client.view(stream).text
     assert messages[1].text.startswith(shown) and demo_reply(prompt).startswith(messages[1].text)
     assert len(messages[1].text) < len(demo_reply(prompt))
     assert "generations: 0 finished, 1 stopped" in server.log()
