@@ -21,10 +21,10 @@ import hashlib
 import struct
 from typing import Final
 
-try:  # the C version that ships with `websockets`: unmasking is per byte otherwise
-    from websockets.speedups import apply_mask as _c_apply_mask
-except ImportError:  # pragma: no cover - websockets is a dependency of uvicorn[standard]
-    _c_apply_mask = None
+try:  # the C version that ships with `websockets` (a dependency of uvicorn[standard])
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without its C extension
+    from websockets.utils import apply_mask
 
 OP_CONT: Final = 0x0
 OP_TEXT: Final = 0x1
@@ -125,8 +125,12 @@ def http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes =
 def switching_protocols(accept: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     return http_response(
         101,
-        [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"), (b"sec-websocket-accept", accept)]
-        + headers,
+        [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept),
+            *headers,
+        ],
     )
 
 
@@ -160,16 +164,6 @@ def close_frame(code: int, reason: str = "") -> bytes:
 
 
 # ---- client frames -----------------------------------------------------------------------
-
-
-def unmask(data: bytes, mask: bytes) -> bytes:
-    if _c_apply_mask is not None:
-        return _c_apply_mask(data, mask)
-    n = len(data)  # pragma: no cover - the pure version, for a websockets without speedups
-    repeated = (mask * (n // 4 + 1))[:n]  # pragma: no cover
-    return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-        n, "big"
-    )  # pragma: no cover
 
 
 def _valid_close_code(code: int) -> bool:
@@ -284,7 +278,7 @@ class FrameReader:
         if opcode == OP_CONT:
             self._parts_size += length
         mask = bytes(buf[start : start + 4])
-        payload = unmask(bytes(buf[start + 4 : end]), mask) if length else b""
+        payload = apply_mask(bytes(buf[start + 4 : end]), mask) if length else b""
         self._pos = end
         if end == len(buf):
             buf.clear()
