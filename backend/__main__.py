@@ -25,7 +25,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from backend.app import Runtime, create_app
 from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
-from backend.transports.websocket import edge_send
+from backend.transports.wsserver import WireProtocol
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class TokenwireServer(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         for connection in list(self.server_state.connections):
-            if not isinstance(connection, WebSocketsSansIOProtocol):
+            if not isinstance(connection, WebSocketsSansIOProtocol | WireProtocol):
                 connection.shutdown()
         drain = asyncio.create_task(self.runtime.drain(grace), name="drain")
         while not drain.done():
@@ -116,13 +116,14 @@ def main() -> int:
         return 2
     app = create_app(settings)
     config = uvicorn.Config(
-        edge_send(app),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # uvicorn's loggers (its access log too) go through `backend.logs`' handler.
         log_config=None,
-        ws="websockets-sansio",  # WebSocketsSansIOProtocol: see `TokenwireServer.shutdown`
+        # Either is left open by `TokenwireServer.shutdown` for the drain to close with 1001.
+        ws=WireProtocol if settings.websocket_server == "wire" else "websockets-sansio",
         # The app has its own heartbeat (PROTOCOL.md); uvicorn's would be a second one.
         ws_ping_interval=None,
         ws_ping_timeout=None,

@@ -27,7 +27,7 @@ from backend.broker import Broker, Event, StreamEnded, Subscription, UserMessage
 from backend.chat import ChatError, ChatService
 from backend.flush import ticker
 from backend.hub import Hub
-from backend.lean_event import LeanEvent
+from backend.lean_event import CallbackEvent, LeanEvent
 from backend.outbox import Offer, Outbox
 from backend.protocol import NOT_FOUND, STREAM_EXPIRED, ServerFrame, TokenFrame, error_frame
 from backend.streams.base import DEFAULT_READ_LIMIT
@@ -70,10 +70,12 @@ class Delivery:
         on_overflow: Callable[[], None],
         hub: Hub,
         only_stream: str | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         """`name` identifies the client (user messages it sent are not echoed back to it);
         `hub` runs the watch sweep; `only_stream` limits delivery to one stream (an SSE
-        response)."""
+        response). A transport without a task of its own passes `on_ready`: it is called
+        when frames wait, once until `pop_frame` finds none (instead of `next_frame`)."""
         self.chat = chat
         self.broker = broker
         self.user = user
@@ -82,7 +84,7 @@ class Delivery:
         self._on_overflow = on_overflow
         self._only_stream = only_stream
         self._hub = hub
-        self._wake = LeanEvent()
+        self._wake = LeanEvent() if on_ready is None else CallbackEvent(on_ready)
         self._room = LeanEvent()
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._subscription: Subscription | None = None
@@ -137,18 +139,26 @@ class Delivery:
         """The next frame to put on the wire, waiting until there is one; None once stopped
         (the transport then ends: on shutdown, or when the client was too slow)."""
         while not self.stopped:
-            frame = self.outbox.pop()
+            frame = self.pop_frame()
             if frame is not None:
-                if self.outbox.has_room_for_fill:
-                    self._room.set()
-                if type(frame) is TokenFrame:
-                    metrics = self.chat.metrics
-                    metrics.token_frames_sent += 1
-                    metrics.tokens_sent += frame.n
                 return frame
-            self._wake.clear()
             await self._wake.wait()
         return None
+
+    def pop_frame(self) -> ServerFrame | None:
+        """The next frame to put on the wire, or None (none waits, or stopped): then the
+        next frame queued wakes the transport again."""
+        frame = None if self.stopped else self.outbox.pop()
+        if frame is None:
+            self._wake.clear()
+            return None
+        if self.outbox.has_room_for_fill:
+            self._room.set()
+        if type(frame) is TokenFrame:
+            metrics = self.chat.metrics
+            metrics.token_frames_sent += 1
+            metrics.tokens_sent += frame.n
+        return frame
 
     # ---- feeding the outbox --------------------------------------------------------------
 

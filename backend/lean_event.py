@@ -11,6 +11,7 @@ the waiters, so the base class's deque is never created).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Literal
 
 
@@ -50,3 +51,17 @@ class LeanEvent(asyncio.Event):
             self._lean_waiters.remove(future)
             if not self._lean_waiters:
                 self._lean_waiters = None
+
+
+class CallbackEvent(LeanEvent):
+    """An event whose `set` also calls `callback` (when it was clear): for a consumer that
+    is not a task waiting on it but a callback, such as a detached WebSocket's flush."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__()
+        self._callback = callback
+
+    def set(self) -> None:
+        if not self._value:
+            super().set()
+            self._callback()

@@ -46,6 +46,7 @@ DEFAULT_TOKEN_QUOTA_WINDOW: Final = 3600.0
 PROVIDERS: Final = ("demo", "openai", "clock")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
+WEBSOCKET_SERVERS: Final = ("wire", "uvicorn")
 
 
 class SettingsError(ValueError):
@@ -63,6 +64,7 @@ class Settings:
     node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     log_level: str = "info"
     log_format: str = "text"
+    websocket_server: str = "wire"
     allowed_origins: tuple[str, ...] = ()
     cookie_secure: bool = False
     heartbeat: float = DEFAULT_HEARTBEAT
@@ -213,6 +215,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "port": _number(int, 0, 65535),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
+    "websocket_server": _choice(WEBSOCKET_SERVERS),
     "allowed_origins": _origins,
     "cookie_secure": _bool,
     "heartbeat": _number(float, 0.05, 3600.0),

@@ -1,28 +1,40 @@
 """`GET /ws`: one WebSocket connection: client frames in, a `Delivery`'s frames out.
 
-Each connection receives in the task uvicorn runs it in and owns one more task, the
-sender draining the delivery (plus the delivery's log fills while it has any). Whatever
-ends first (client gone, heartbeat timeout, slow consumer, shutdown) closes the connection
-and the rest are cancelled and awaited; the broker subscription is closed last. The `Hub`
-knows every live client (WebSocket connections and SSE responses), for admission, metrics
-and the shutdown, which tells each to go away; its one heartbeat sweep pings every
-connection and closes the silent ones with 4000, so an idle connection has no task or
-timer of its own beyond the sender.
+Two shells around one `Connection`, chosen by the server the app runs in:
+
+- `WireConnection`, under tokenwire's own WebSocket protocol (`backend.transports.wsserver`,
+  what `python -m backend` serves with): once accepted, the connection detaches from the
+  ASGI call and has no task at all while idle. The protocol calls it for each message;
+  frames the delivery queues are written straight to the transport, soon after they are
+  queued (or on the process's flush tick under load, `backend.flush`). A frame that needs
+  to wait (a chat's acceptance, a cancel) runs in a task of its own, and the frames after
+  it wait their turn, so frames are handled in order.
+- `TaskConnection`, under any other ASGI server: it receives in the task the server runs
+  it in and owns one more task, the sender draining the delivery.
+
+Either way, whatever ends first (client gone, heartbeat timeout, slow consumer, shutdown)
+closes the connection, the rest is cancelled and awaited, and the broker subscription is
+closed last. The `Hub` knows every live client (WebSocket connections and SSE responses),
+for admission, metrics and the shutdown, which tells each to go away; its one heartbeat
+sweep pings every connection and closes the silent ones with 4000, so an idle connection
+has no task or timer of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final
 
 from litestar import WebSocket, websocket
-from litestar.enums import ScopeType
 from litestar.exceptions import WebSocketDisconnect
-from litestar.types import ASGIApp, Receive, Scope, Send, WebSocketSendEvent
+from litestar.types import WebSocketSendEvent
 
 from backend.chat import ChatError
 from backend.delivery import Delivery
@@ -36,17 +48,20 @@ from backend.protocol import (
     AckFrame,
     CancelFrame,
     ChatFrame,
+    ClientFrame,
     FrameError,
     HelloFrame,
     PingFrame,
     PongFrame,
     ResumeFrame,
     decode_client_frame,
+    encode,
     encode_text,
     error_frame,
 )
 from backend.security import origin_allowed
 from backend.transports.http import connect_refusal
+from backend.transports.wsserver import DETACH, Wire
 
 if TYPE_CHECKING:
     from backend.app import Runtime
@@ -55,29 +70,30 @@ log = logging.getLogger(__name__)
 
 # A close frame to a client that does not read may never leave; stop waiting after this.
 CLOSE_TIMEOUT: Final = 2.0
+BINARY_REFUSED: Final = "binary frames are not accepted; send JSON text"
 _connection_ids = itertools.count(1)
 
 
 class Connection:
+    """What both shells share: the client's frames handled, the heartbeat, the close."""
+
     # Slots: tens of thousands of these live at once; a __dict__ each would cost ~300 bytes.
     __slots__ = (
         "_close_code",
         "_close_reason",
         "_close_requested",
-        "_interrupting",
         "_last_received",
-        "_task",
         "chat",
         "delivery",
         "name",
         "runtime",
         "settings",
-        "socket",
         "user",
     )
 
-    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, user: str) -> None:
-        self.socket = socket
+    def __init__(
+        self, runtime: Runtime, user: str, on_ready: Callable[[], None] | None = None
+    ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.chat = runtime.chat
@@ -91,35 +107,248 @@ class Connection:
             outbox_bytes=self.settings.outbox_bytes,
             on_overflow=self._slow_consumer,
             hub=runtime.hub,
+            on_ready=on_ready,
         )
         self._close_requested = False
         self._close_code = CLOSE_GOING_AWAY
         self._close_reason = ""
         self._last_received = time.monotonic()
+
+    def _join(self) -> None:
+        """Join the hub and queue `hello`: before the broker subscription exists, since
+        events of the user's streams may arrive as soon as it does, and `hello` is the
+        first frame of every connection."""
+        s = self.settings
+        self.runtime.hub.join_websocket(self, s.heartbeat, s.heartbeat_timeout)
+        self.delivery.push(
+            HelloFrame(
+                session=self.name,
+                node=s.node,
+                heartbeat=s.heartbeat,
+                heartbeat_timeout=s.heartbeat_timeout,
+            )
+        )
+
+    def request_close(self, code: int, reason: str = "") -> None:
+        raise NotImplementedError
+
+    def _slow_consumer(self) -> None:
+        self.runtime.metrics.slow_consumer_closes += 1
+        self.request_close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
+
+    # ---- heartbeat (driven by the hub's one sweep) -----------------------------------------
+
+    def ping(self, t: int) -> None:
+        self.delivery.push(PingFrame(t=t))
+
+    def silent_since(self, sent: float) -> bool:
+        return self._last_received < sent and not self._close_requested
+
+    def timed_out(self) -> None:
+        self.runtime.metrics.heartbeat_timeouts += 1
+        self.request_close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+    # ---- the client's frames -------------------------------------------------------------
+
+    def _decode(self, text: str) -> ClientFrame | None:
+        """The frame in `text`, or None when it is invalid (its error frame is queued)."""
+        try:
+            frame = decode_client_frame(
+                text,
+                max_bytes=self.settings.max_frame_bytes,
+                max_text=self.settings.max_text_chars,
+            )
+        except FrameError as exc:
+            self.delivery.push(exc.frame)
+            return None
+        bind(stream=getattr(frame, "id", None))  # log lines (and a generation's) name it
+        return frame
+
+    def _dispatch(self, frame: ClientFrame) -> Coroutine[Any, Any, None] | None:
+        """Handle `frame`; what must wait (a storage round trip) is returned, to await."""
+        if isinstance(frame, ChatFrame):
+            return self._chat(frame)
+        if isinstance(frame, CancelFrame):
+            return self._cancel(frame)
+        if isinstance(frame, ResumeFrame):
+            self.delivery.deliver(frame.id, frame.after)
+        elif isinstance(frame, PingFrame):
+            self.delivery.push(PongFrame(t=frame.t))
+        # PongFrame: receiving it is the point (`_last_received`).
+        return None
+
+    async def _chat(self, frame: ChatFrame) -> None:
+        try:
+            accepted = await self.chat.start(
+                self.user, frame.id, frame.conversation, frame.text, origin=self.name
+            )
+        except ChatError as exc:
+            self.delivery.push(exc.frame)
+            return
+        if not accepted.new:
+            self.runtime.metrics.replays += 1
+        log.info("chat %s", "started" if accepted.new else "replayed")
+        self.delivery.deliver(
+            frame.id,
+            0 if accepted.new else frame.after,
+            AckFrame(id=frame.id, conversation=accepted.conversation),
+        )
+
+    async def _cancel(self, frame: CancelFrame) -> None:
+        try:
+            await self.chat.cancel(self.user, frame.id)
+        except ChatError as exc:
+            self.delivery.push(exc.frame)
+
+
+class WireConnection(Connection):
+    """A connection detached from its ASGI call (`backend.transports.wsserver`): no task
+    while idle. Frames the delivery queues are flushed by a callback soon after (the tokens
+    that arrive meanwhile join theirs); the client's frames are handled as they arrive, and
+    one that must wait holds the ones after it in `_waiting` until it is done."""
+
+    __slots__ = ("_busy", "_context", "_flush_handle", "_waiting", "wire")
+
+    def __init__(self, runtime: Runtime, user: str) -> None:
+        super().__init__(runtime, user, on_ready=self._frames_ready)
+        self.wire: Wire | None = None
+        self._context: contextvars.Context | None = None  # the log context of its lines
+        self._busy: asyncio.Task[None] | None = None  # handling a frame that must wait
+        self._waiting: deque[str] | None = None  # frames received meanwhile, in order
+        self._flush_handle: asyncio.Handle | None = None
+
+    async def attach(self, detach: Callable[[WireConnection], Wire]) -> None:
+        """In the ASGI call, after the accept: subscribe, then detach from the call."""
+        bind(conn=self.name)
+        self._join()
+        try:
+            await self.delivery.__aenter__()
+        except BaseException:
+            self.runtime.hub.leave_websocket(self)
+            raise
+        self._context = contextvars.copy_context()
+        self.wire = detach(self)
+        if self.runtime.hub.draining:
+            self.request_close(CLOSE_GOING_AWAY, "server shutting down")
+        self._flush()
+
+    def request_close(self, code: int, reason: str = "") -> None:
+        if self._close_requested:
+            return
+        self._close_requested = True
+        self._close_code, self._close_reason = code, reason
+        self.delivery.stop()  # what is still queued is not sent: the client resumes it
+        if self.wire is not None:
+            self.wire.close(code, reason)  # `on_closed` follows
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def _frames_ready(self) -> None:
+        if self._flush_handle is None and self.wire is not None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        wire = self.wire
+        if wire is None:
+            return
+        payloads = []
+        pop = self.delivery.pop_frame
+        while wire.writable and (frame := pop()) is not None:
+            payloads.append(encode(frame))
+        if payloads:
+            wire.send_texts(payloads)
+
+    # ---- WireHandler: what the protocol calls ----------------------------------------------
+
+    def on_text(self, text: str) -> None:
+        self._last_received = time.monotonic()
+        if self._busy is not None:
+            if self._waiting is None:
+                self._waiting = deque()
+            self._waiting.append(text)
+            return
+        assert self._context is not None
+        self._context.run(self._handle, text)
+
+    def on_binary(self, data: bytes) -> None:
+        self._last_received = time.monotonic()
+        self.delivery.push(error_frame(BAD_FRAME, BINARY_REFUSED))
+
+    def on_writable(self) -> None:
+        self._flush()
+
+    def on_closed(self, code: int) -> None:
+        self.wire = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self.delivery.stop()
+        busy, self._busy = self._busy, None
+        if busy is not None:
+            busy.cancel()  # a chat's acceptance goes on: the chat service shields it
+        self._waiting = None
+        _owned(asyncio.create_task(self._closed(busy), name=f"{self.name} closed"))
+
+    async def _closed(self, busy: asyncio.Task[None] | None) -> None:
+        try:
+            if busy is not None:
+                await asyncio.gather(busy, return_exceptions=True)
+            await self.delivery.__aexit__(None, None, None)
+        finally:
+            self.runtime.hub.leave_websocket(self)
+
+    # ---- the client's frames ---------------------------------------------------------------
+
+    def _handle(self, text: str) -> None:
+        """In the connection's log context: handle `text` now, or start its task."""
+        frame = self._decode(text)
+        if frame is None:
+            return
+        pending = self._dispatch(frame)
+        if pending is not None and self.wire is not None:
+            self.wire.pause_reading()  # the frames after it wait in the kernel meanwhile
+            self._busy = asyncio.create_task(self._handle_in_order(pending))
+        elif pending is not None:
+            pending.close()
+
+    async def _handle_in_order(self, pending: Coroutine[Any, Any, None]) -> None:
+        try:
+            await pending
+            while self._waiting:
+                frame = self._decode(self._waiting.popleft())
+                if frame is not None and (later := self._dispatch(frame)) is not None:
+                    await later
+        except Exception:
+            log.exception("connection %s failed while handling a frame", self.name)
+        finally:
+            if self._busy is asyncio.current_task():
+                self._busy = None
+                self._waiting = None
+                if self.wire is not None:
+                    self.wire.resume_reading()
+
+
+class TaskConnection(Connection):
+    """A connection in the ASGI call of a server that cannot detach it: it receives in
+    that task and sends in one of its own."""
+
+    __slots__ = ("_interrupting", "_task", "socket")
+
+    def __init__(self, socket: WebSocket[Any, Any, Any], runtime: Runtime, user: str) -> None:
+        super().__init__(runtime, user)
+        self.socket = socket
         self._task: asyncio.Task[Any] | None = None  # the receiving task, while it receives
         self._interrupting = False
 
-    # ---- lifecycle ---------------------------------------------------------------------
-
     async def run(self) -> None:
-        """Receive in this task (uvicorn's), send in one of its own; whichever ends first
-        ends the other. A close request (heartbeat timeout, slow consumer, shutdown) or the
-        sender ending interrupts the receiving by cancelling this task (`_interrupt`). One
-        coroutine for all of it: every frame an idle connection keeps costs ~450 bytes."""
+        """Receive in this task, send in one of its own; whichever ends first ends the
+        other. A close request (heartbeat timeout, slow consumer, shutdown) or the sender
+        ending interrupts the receiving by cancelling this task (`_interrupt`)."""
         bind(conn=self.name)  # every log line of this connection's tasks names it
         hub = self.runtime.hub
-        hub.join_websocket(self, self.settings.heartbeat, self.settings.heartbeat_timeout)
+        self._join()
         try:
-            # Queued before the broker subscription exists: events of the user's streams may
-            # arrive as soon as it does, and `hello` is the first frame of every connection.
-            self.delivery.push(
-                HelloFrame(
-                    session=self.name,
-                    node=self.settings.node,
-                    heartbeat=self.settings.heartbeat,
-                    heartbeat_timeout=self.settings.heartbeat_timeout,
-                )
-            )
             async with self.delivery:
                 if hub.draining:
                     self.request_close(CLOSE_GOING_AWAY, "server shutting down")
@@ -163,30 +392,12 @@ class Connection:
             self._close_code, self._close_reason = code, reason
             self._interrupt()
 
-    def _slow_consumer(self) -> None:
-        self.runtime.metrics.slow_consumer_closes += 1
-        self.request_close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect and resume")
-
     async def _close(self) -> None:
         # The close frame queues behind unsent data; a client that never reads would keep
-        # us here forever, so the wait is bounded. uvicorn then closes the transport.
+        # us here forever, so the wait is bounded. The server then closes the transport.
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.socket.close(code=self._close_code, reason=self._close_reason)
-
-    # ---- heartbeat (driven by the hub's one sweep) -----------------------------------------
-
-    def ping(self, t: int) -> None:
-        self.delivery.push(PingFrame(t=t))
-
-    def silent_since(self, sent: float) -> bool:
-        return self._last_received < sent and not self._close_requested
-
-    def timed_out(self) -> None:
-        self.runtime.metrics.heartbeat_timeouts += 1
-        self.request_close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
-
-    # ---- receiving ---------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
         while True:
@@ -199,91 +410,50 @@ class Connection:
             self._last_received = time.monotonic()
             text = message.get("text")
             if not isinstance(text, str):
-                self.delivery.push(
-                    error_frame(BAD_FRAME, "binary frames are not accepted; send JSON text")
-                )
+                self.delivery.push(error_frame(BAD_FRAME, BINARY_REFUSED))
                 continue
-            await self._handle(text)
-
-    async def _handle(self, text: str) -> None:
-        try:
-            frame = decode_client_frame(
-                text,
-                max_bytes=self.settings.max_frame_bytes,
-                max_text=self.settings.max_text_chars,
-            )
-        except FrameError as exc:
-            self.delivery.push(exc.frame)
-            return
-        bind(stream=getattr(frame, "id", None))  # log lines (and a generation's) name it
-        try:
-            if isinstance(frame, ChatFrame):
-                accepted = await self.chat.start(
-                    self.user, frame.id, frame.conversation, frame.text, origin=self.name
-                )
-                if not accepted.new:
-                    self.runtime.metrics.replays += 1
-                log.info("chat %s", "started" if accepted.new else "replayed")
-                self.delivery.deliver(
-                    frame.id,
-                    0 if accepted.new else frame.after,
-                    AckFrame(id=frame.id, conversation=accepted.conversation),
-                )
-            elif isinstance(frame, ResumeFrame):
-                self.delivery.deliver(frame.id, frame.after)
-            elif isinstance(frame, CancelFrame):
-                await self.chat.cancel(self.user, frame.id)
-            elif isinstance(frame, PingFrame):
-                self.delivery.push(PongFrame(t=frame.t))
-            # PongFrame: receiving it is the point (`_last_received`).
-        except ChatError as exc:
-            self.delivery.push(exc.frame)
-
-    # ---- sending -------------------------------------------------------------------------
+            frame = self._decode(text)
+            if frame is not None and (pending := self._dispatch(frame)) is not None:
+                await pending
 
     async def _send_loop(self) -> None:
-        # After the accept, every middleware's send wrapper only passes frames on (they
-        # add headers to the accept and to HTTP responses): frames go to the server's own
-        # send when `edge_send` captured it, ~3 µs less per frame (a profile's figure).
-        raw: Send | None = cast(dict[str, Any], self.socket.scope).get(RAW_SEND_KEY)
-        send = raw or self.socket.send
+        send = self.socket.send
         while (frame := await self.delivery.next_frame()) is not None:
             await send(
                 WebSocketSendEvent(type="websocket.send", text=encode_text(frame), bytes=None)
             )
 
 
-RAW_SEND_KEY: Final = "tokenwire.raw_send"
+_closing: set[asyncio.Task[None]] = set()  # the clean-ups of closed wire connections
 
 
-def edge_send(app: ASGIApp) -> ASGIApp:
-    """Outside every middleware: keep the server's own `send` of a WebSocket in its scope,
-    for the connection's frames after the accept (`Connection._send_loop`)."""
-
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == ScopeType.WEBSOCKET:
-            cast(dict[str, Any], scope)[RAW_SEND_KEY] = send
-        await app(scope, receive, send)
-
-    return wrapped
+def _owned(task: asyncio.Task[None]) -> None:
+    """Keep a clean-up task referenced until it ends (the hub waits for its `leave`)."""
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 @websocket("/ws")
 async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     runtime: Runtime = socket.app.state.runtime
     if not origin_allowed(socket.scope, runtime.settings.allowed_origins):
-        # Before accept, uvicorn answers the upgrade with 403.
+        # Before accept, the server answers the upgrade with 403.
         await socket.close(code=CLOSE_POLICY, reason="origin not allowed")
         return
     user: str = socket.scope["state"]["user"]
     refusal = await admission_refusal(runtime, socket, user)
     if refusal is not None:
         runtime.metrics.connections_refused += 1
-        # Before accept: uvicorn answers 403 and no open connection is touched.
+        # Before accept: the server answers 403 and no open connection is touched.
         await socket.close(code=CLOSE_POLICY, reason=refusal)
         return
     await socket.accept()
-    await Connection(socket, runtime, user).run()
+    # Under tokenwire's own WebSocket protocol (`python -m backend`): see the docstring.
+    detach: Callable[[WireConnection], Wire] | None = socket.scope.get(DETACH)  # type: ignore[assignment]
+    if detach is not None:
+        await WireConnection(runtime, user).attach(detach)
+    else:
+        await TaskConnection(socket, runtime, user).run()
 
 
 async def admission_refusal(
