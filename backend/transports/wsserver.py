@@ -106,11 +106,12 @@ class WireProtocol(asyncio.Protocol):
         "_app_state",
         "_close_timer",
         "_config",
+        "_detached",
         "_handler",
+        "_held",
         "_inbox",
         "_loop",
         "_reader",
-        "_received",
         "_server_state",
         "_state",
         "_waiting",
@@ -140,11 +141,12 @@ class WireProtocol(asyncio.Protocol):
         self._handler: WireHandler | None = None
         self._writable = True
         self._close_timer: asyncio.TimerHandle | None = None
-        # The plain ASGI mode only (None once detached): messages for `receive`, the future
-        # `receive` or `send` waits on, and whether `websocket.connect` was received.
+        # The plain ASGI mode only (None once detached): messages for `receive`, and the
+        # future `receive` or `send` waits on.
         self._inbox: deque[dict[str, Any]] | None = deque()
         self._waiting: asyncio.Future[None] | None = None
-        self._received = False
+        self._held = False  # a detached handler paused reading
+        self._detached = False
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
 
@@ -273,7 +275,7 @@ class WireProtocol(asyncio.Protocol):
             if self._state == _HANDSHAKE:
                 log.error("ASGI callable returned without completing handshake.")
                 self._refuse(500, "Internal Server Error")
-            elif self._handler is None and self._state == _OPEN:
+            elif not self._detached and self._state == _OPEN:
                 self.close(CLOSE_NORMAL)
         finally:
             # Detached or done: the handshake's state goes (most of a connection's memory).
@@ -284,17 +286,33 @@ class WireProtocol(asyncio.Protocol):
 
     def detach(self, handler: WireHandler) -> Wire:
         """From the app, after `websocket.accept`: `handler` gets this connection's messages
-        from now on, and the ASGI call may return without closing it."""
+        from now on, and the ASGI call may return without closing it. The handler is called
+        from the next round of the event loop on (so the caller has the returned `Wire` in
+        hand first), starting with what arrived before, in order."""
         if self._state == _HANDSHAKE:
             raise RuntimeError("detach after websocket.accept")
-        self._handler = handler
-        self._inbox = None
-        self._wake()
-        if self._state == _CLOSED:
-            handler.on_closed(CLOSE_ABNORMAL)
-        elif self._reader is not None:
-            self._read_frames()  # anything that arrived meanwhile
+        self._detached = True
+        self._loop.call_soon(self._attach, handler)
         return self
+
+    def _attach(self, handler: WireHandler) -> None:
+        inbox, self._inbox = self._inbox or deque(), None
+        self._handler = handler
+        for message in inbox:
+            if message["type"] == "websocket.disconnect":
+                self._handler = None
+                handler.on_closed(message.get("code", CLOSE_ABNORMAL))
+                return
+            if message["type"] != "websocket.receive" or self._handler is None:
+                continue
+            if message.get("text") is not None:
+                handler.on_text(message["text"])
+            else:
+                handler.on_binary(message["bytes"])
+        if self._state in (_OPEN, _CLOSING) and self._handler is not None:
+            if not self._held:
+                self.transport.resume_reading()  # paused while the inbox held messages
+            self._read_frames()
 
     # ---- Wire: what a detached handler writes with ---------------------------------------
 
@@ -323,10 +341,12 @@ class WireProtocol(asyncio.Protocol):
         self.transport.abort()  # its buffer may hold data a client never reads
 
     def pause_reading(self) -> None:
+        self._held = True
         if self._state == _OPEN:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self._held = False
         if self._state in (_OPEN, _CLOSING):
             self.transport.resume_reading()
 
