@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from backend.providers import demo_reply, demo_tokens
+from backend.settings import WEBSOCKET_SERVERS
 from tests.conftest import FAST_DEMO
 from tests.harness import TIMEOUT, Client, Server, server_factory, start_chat, wait_for
 
@@ -96,10 +97,22 @@ PROTOCOL_CASES: list[tuple[str, Any, dict[str, Any]]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+# Every test on these servers runs over both WebSocket servers: tokenwire's own protocol,
+# where connections detach from their ASGI call, and uvicorn's (TOKENWIRE_WEBSOCKET_SERVER).
+@pytest.fixture(scope="module", params=WEBSOCKET_SERVERS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with server_factory(tmp_path_factory.mktemp("server"), **FAST_DEMO) as make:
+        yield make(websocket_server=request.param)
+
+
+@pytest.fixture(scope="module", params=WEBSOCKET_SERVERS)
+def small_limits(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     with server_factory(tmp_path_factory.mktemp("limits"), **FAST_DEMO) as make:
-        yield make(max_frame_bytes=4096, max_text_chars=2000)
+        yield make(max_frame_bytes=4096, max_text_chars=2000, websocket_server=request.param)
 
 
 @pytest.mark.parametrize(
