@@ -142,9 +142,9 @@ class WireProtocol(asyncio.Protocol):
         self._writable = True
         self._close_timer: asyncio.TimerHandle | None = None
         # The plain ASGI mode only (None once detached): messages for `receive`, and the
-        # future `receive` or `send` waits on.
+        # futures `receive` and `send` wait on.
         self._inbox: deque[dict[str, Any]] | None = deque()
-        self._waiting: asyncio.Future[None] | None = None
+        self._waiting: list[asyncio.Future[None]] = []
         self._held = False  # a detached handler paused reading
         self._detached = False
 
@@ -417,15 +417,20 @@ class WireProtocol(asyncio.Protocol):
             self._wake()
 
     def _wake(self) -> None:
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.set_result(None)
+        """Wake every waiter (`receive` and each `send`); each checks its own condition."""
+        waiting, self._waiting = self._waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiting = self._loop.create_future()
+        future = self._loop.create_future()
+        self._waiting.append(future)
         try:
-            await self._waiting
+            await future
         finally:
-            self._waiting = None
+            if future in self._waiting:  # cancelled before it was woken
+                self._waiting.remove(future)
 
     async def _receive(self) -> dict[str, Any]:
         while True:
