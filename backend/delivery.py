@@ -49,6 +49,7 @@ class Delivery:
         "_progress",
         "_room",
         "_subscription",
+        "_ticker",
         "_wake",
         "_watched",
         "broker",
@@ -85,6 +86,7 @@ class Delivery:
         self._only_stream = only_stream
         self._hub = hub
         self._wake = LeanEvent() if on_ready is None else CallbackEvent(on_ready)
+        self._ticker = ticker()  # looked up once: `_after_queue` runs for every token
         self._room = LeanEvent()
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._subscription: Subscription | None = None
@@ -270,6 +272,6 @@ class Delivery:
             self._on_overflow()
             return
         if joinable:
-            ticker().wake(self._wake)
+            self._ticker.wake(self._wake)
         else:
             self._wake.set()

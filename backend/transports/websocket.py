@@ -5,8 +5,8 @@ Two shells around one `Connection`, chosen by the server the app runs in:
 - `WireConnection`, under tokenwire's own WebSocket protocol (`backend.transports.wsserver`,
   what `python -m backend` serves with): once accepted, the connection detaches from the
   ASGI call and has no task at all while idle. The protocol calls it for each message;
-  frames the delivery queues are written straight to the transport, soon after they are
-  queued (or on the process's flush tick under load, `backend.flush`). A frame that needs
+  frames the delivery queues are written straight to the transport as they are queued
+  (on the process's flush tick under load, `backend.flush`). A frame that needs
   to wait (a chat's acceptance, a cancel) runs in a task of its own, and the frames after
   it wait their turn, so frames are handled in order.
 - `TaskConnection`, under any other ASGI server: it receives in the task the server runs
@@ -203,19 +203,18 @@ class Connection:
 
 class WireConnection(Connection):
     """A connection detached from its ASGI call (`backend.transports.wsserver`): no task
-    while idle. Frames the delivery queues are flushed by a callback soon after (the tokens
-    that arrive meanwhile join theirs); the client's frames are handled as they arrive, and
-    one that must wait holds the ones after it in `_waiting` until it is done."""
+    while idle. Frames the delivery queues are written at once (under load, on the flush
+    tick); the client's frames are handled as they arrive, and one that must wait holds the
+    ones after it in `_waiting` until it is done."""
 
-    __slots__ = ("_busy", "_context", "_flush_handle", "_waiting", "wire")
+    __slots__ = ("_busy", "_context", "_waiting", "wire")
 
     def __init__(self, runtime: Runtime, user: str) -> None:
-        super().__init__(runtime, user, on_ready=self._frames_ready)
+        super().__init__(runtime, user, on_ready=self._flush)
         self.wire: Wire | None = None
         self._context: contextvars.Context | None = None  # the log context of its lines
         self._busy: asyncio.Task[None] | None = None  # handling a frame that must wait
         self._waiting: deque[str] | None = None  # frames received meanwhile, in order
-        self._flush_handle: asyncio.Handle | None = None
 
     async def attach(self, detach: Callable[[WireConnection], Wire]) -> None:
         """In the ASGI call, after the accept: subscribe, then detach from the call."""
@@ -243,12 +242,10 @@ class WireConnection(Connection):
 
     # ---- sending ---------------------------------------------------------------------------
 
-    def _frames_ready(self) -> None:
-        if self._flush_handle is None and self.wire is not None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-
     def _flush(self) -> None:
-        self._flush_handle = None
+        """Write what the delivery queued, at once: the delivery calls this when frames
+        wait (once, until they are taken), so tokens are joined only by the process's flush
+        tick under load (`backend.flush`), and nothing waits for another loop round."""
         wire = self.wire
         if wire is None:
             return
@@ -280,9 +277,6 @@ class WireConnection(Connection):
 
     def on_closed(self, code: int) -> None:
         self.wire = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
         self.delivery.stop()
         busy, self._busy = self._busy, None
         if busy is not None:
