@@ -238,8 +238,17 @@ BARE = "bare websockets"
 SOCKETIO = "python-socketio"
 TOKENWIRE = "tokenwire"
 TOKENWIRE_REDIS = "tokenwire via Redis"
+# tokenwire served with uvicorn's own WebSocket protocol (TOKENWIRE_WEBSOCKET_SERVER=uvicorn):
+# what a connection cost before it could detach from its ASGI call (the idle figure).
+TOKENWIRE_UVICORN = "tokenwire, uvicorn's WebSocket"
 # The load client's protocol for each peer (bench.load.KINDS).
-KIND = {BARE: "bare", SOCKETIO: "socketio", TOKENWIRE: "tokenwire", TOKENWIRE_REDIS: "tokenwire"}
+KIND = {
+    BARE: "bare",
+    SOCKETIO: "socketio",
+    TOKENWIRE: "tokenwire",
+    TOKENWIRE_REDIS: "tokenwire",
+    TOKENWIRE_UVICORN: "tokenwire",
+}
 _PEER_MODULES = {BARE: "bench.peers.bare_ws", SOCKETIO: "bench.peers.socketio_app"}
 # Rate limits and connection caps that would refuse a load test's clients, lifted.
 UNLIMITED = {
@@ -376,7 +385,9 @@ def serve_peer(
             "demo_paragraphs": paragraphs,
             **tokenwire_env,
         }
-        if name == TOKENWIRE:
+        if name in (TOKENWIRE, TOKENWIRE_UVICORN):
+            if name == TOKENWIRE_UVICORN:
+                env["websocket_server"] = "uvicorn"
             server = start_server(tmp, **env)
             stack.callback(server.stop, signal.SIGKILL)
             pin(server.proc.pid, server_cpus())

@@ -2,6 +2,10 @@
 and how fast connections open, for each peer; then 100k tokenwire connections across
 several processes sharing one Redis.
 
+The peers include tokenwire served with uvicorn's own WebSocket protocol
+(TOKENWIRE_WEBSOCKET_SERVER=uvicorn): the before of detaching connections from their ASGI
+call (`backend/transports/wsserver.py`), measured in the same run.
+
 Per peer (one server process, pinned away from the client): a client process
 (`bench.idle_client`) opens a few warm-up connections, the server's RSS is taken, then it
 opens up to each level (1k, 10k, and just under the per-process open-file limit), every
@@ -41,6 +45,7 @@ from bench.common import (
     ROOT,
     SOCKETIO,
     TOKENWIRE,
+    TOKENWIRE_UVICORN,
     UNLIMITED,
     Config,
     Figure,
@@ -55,7 +60,7 @@ from bench.common import (
 )
 from bench.load import SOCKETIO_PATH
 
-PEERS: Final = (TOKENWIRE, BARE, SOCKETIO)
+PEERS: Final = (TOKENWIRE, TOKENWIRE_UVICORN, BARE, SOCKETIO)
 LEVELS: Final = (1_000, 10_000, 19_500)  # the last just under the 20,000 open files
 SMOKE_LEVELS: Final = (200,)
 WARMUP: Final = 20  # connections opened before the baseline RSS (first-use imports, caches)
@@ -72,7 +77,7 @@ MULTI_CLIENTS: Final = 6  # each from its own source address (~28k ephemeral por
 MULTI_STEPS: Final = 4
 ANSWER_TIMEOUT: Final = 30.0  # for a `stats` answer
 MIN_OPEN_RATE: Final = 20.0  # an `open N` slower than this is a failure (bounds the wait)
-PATH: Final = {TOKENWIRE: "/ws", BARE: "/", SOCKETIO: SOCKETIO_PATH}
+PATH: Final = {TOKENWIRE: "/ws", TOKENWIRE_UVICORN: "/ws", BARE: "/", SOCKETIO: SOCKETIO_PATH}
 MULTI: Final = f"tokenwire, {MULTI_SERVERS} processes + Redis"
 
 
@@ -343,7 +348,7 @@ def add_notes(fig: Figure, top: int) -> None:
             f"{mine:.1f} KB at {top:,}, {verdict}. The kernel adds ~5-10 KB per socket "
             "outside the process."
         )
-        for peer in (BARE, SOCKETIO):
+        for peer in (TOKENWIRE_UVICORN, BARE, SOCKETIO):
             theirs = median(peer, metric)
             if theirs is not None:
                 fig.notes.append(f"tokenwire / {peer} memory per connection: {ratio(mine, theirs)}")
