@@ -282,7 +282,11 @@ class WireConnection(Connection):
         if busy is not None:
             busy.cancel()  # a chat's acceptance goes on: the chat service shields it
         self._waiting = None
-        _owned(asyncio.create_task(self._closed(busy), name=f"{self.name} closed"))
+        _owned(
+            asyncio.create_task(
+                self._closed(busy), name=f"{self.name} closed", context=self._context
+            )
+        )
 
     async def _closed(self, busy: asyncio.Task[None] | None) -> None:
         try:
