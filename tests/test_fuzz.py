@@ -15,7 +15,7 @@ import string
 from typing import Any, Final
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from backend.protocol import (
@@ -46,23 +46,13 @@ from backend.protocol import (
     error_frame,
 )
 from backend.transports.sse import frame_event
+from tests.properties import fuzz
 from tests.sse_client import SseParser
 
 MAX_BYTES: Final = 2048
 MAX_TEXT: Final = 300
 ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROTOCOL_CODES: Final = frozenset(RETRYABLE)
-
-
-def fuzz(examples: int) -> Any:
-    """The settings of every property here: fixed examples, no time limit per example."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 # ---- strategies ------------------------------------------------------------------------

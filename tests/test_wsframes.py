@@ -22,7 +22,7 @@ from itertools import pairwise
 from typing import Any, Final
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, ProtocolError
@@ -50,6 +50,7 @@ from backend.transports.wsframes import (
     switching_protocols,
     text_frame,
 )
+from tests.properties import fuzz
 
 Message = tuple[int, str | bytes]
 Outcome = tuple[list[Message], int | None]  # the messages read, then the close code or None
@@ -59,17 +60,6 @@ MASK: Final = b"\x37\xfa\x21\x3d"
 RFC_KEY: Final = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455, section 1.3
 RFC_ACCEPT: Final = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 VERSION_13: Final = (b"sec-websocket-version", b"13")
-
-
-def fuzz(examples: int) -> Any:
-    """The settings of every property here: fixed examples, no time limit per example."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 # ---- helpers -----------------------------------------------------------------------------
