@@ -129,7 +129,10 @@ async def test_watch_sweep_rounds_and_producer_checks_until_unwatched() -> None:
     try:
         await wait_for(lambda: quiet.rounds >= 2 and stuck.checked[:2] == ["s1", "s2"])
         hub.unwatch(stuck)
-        await asyncio.sleep(0.05)  # a round in flight may still finish
+        # A round in flight may still visit `stuck`; two more rounds of `quiet` mean a
+        # whole round began after the unwatch.
+        after = quiet.rounds
+        await wait_for(lambda: quiet.rounds >= after + 2)
         rounds = stuck.rounds
         await wait_for(lambda: quiet.rounds >= rounds + 3)
         assert stuck.rounds == rounds

@@ -22,6 +22,7 @@ has no task or timer of its own.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import contextvars
@@ -74,7 +75,7 @@ BINARY_REFUSED: Final = "binary frames are not accepted; send JSON text"
 _connection_ids = itertools.count(1)
 
 
-class Connection:
+class Connection(abc.ABC):
     """What both shells share: the client's frames handled, the heartbeat, the close."""
 
     # Slots: tens of thousands of these live at once; a __dict__ each would cost ~300 bytes.
@@ -129,8 +130,9 @@ class Connection:
             )
         )
 
+    @abc.abstractmethod
     def request_close(self, code: int, reason: str = "") -> None:
-        raise NotImplementedError
+        """Close with `code` (heartbeat timeout, slow consumer, shutdown): each shell its way."""
 
     def _slow_consumer(self) -> None:
         self.runtime.metrics.slow_consumer_closes += 1
