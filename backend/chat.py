@@ -458,16 +458,20 @@ class ChatService:
             raise asyncio.CancelledError
 
     async def _emit(self, gen: _Generation, key: str, tokens: list[str], started: float) -> None:
-        """Append `tokens` to the log, then announce them as one event (`n` tokens)."""
+        """Append `tokens` to the log and announce them as one event (`n` tokens)."""
         if gen.seq == 0:
             self.metrics.first_token_seconds.observe(time.monotonic() - started)
-        gen.seq = await self.log.append(key, tokens)
-        gen.parts += tokens
-        self.metrics.tokens_generated += len(tokens)
         data = tokens[0] if len(tokens) == 1 else "".join(tokens)
-        await self.broker.publish(
-            user_channel(gen.user), TokenFrame(id=gen.id, seq=gen.seq, data=data, n=len(tokens))
+        n = len(tokens)
+        gen.seq = await self.log.append_and_publish(
+            key,
+            tokens,
+            self.broker,
+            user_channel(gen.user),
+            lambda seq: TokenFrame(id=gen.id, seq=seq, data=data, n=n),
         )
+        gen.parts += tokens
+        self.metrics.tokens_generated += n
 
     async def _end(self, gen: _Generation, end: StreamEnd) -> None:
         key = stream_key(gen.user, gen.id)

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import pytest
 import redis.asyncio
 
-from backend.protocol import DoneFrame, StreamEnd, error_frame
+from backend.broker import Broker, Event, MemoryBroker, user_channel
+from backend.broker.redis import RedisBroker
+from backend.protocol import DoneFrame, StreamEnd, TokenFrame, error_frame
 from backend.streams import MemoryStreamLog, StreamExpired, StreamFull, StreamLog, StreamSlice
 from backend.streams.base import DEFAULT_READ_LIMIT
 from backend.streams.redis import RedisStreamLog, end_key, log_key
@@ -81,6 +83,16 @@ class FastForwardLog(StreamLog):
 
     async def append(self, key: str, tokens: Sequence[str]) -> int:
         return await self.log.append(key, tokens)
+
+    async def append_and_publish(
+        self,
+        key: str,
+        tokens: Sequence[str],
+        broker: Broker,
+        channel: str,
+        event: Callable[[int], Event],
+    ) -> int:
+        return await self.log.append_and_publish(key, tokens, broker, channel, event)
 
     async def finish(self, key: str, end: StreamEnd, ttl: float) -> None:
         await self.log.finish(key, end, ttl)
@@ -219,6 +231,97 @@ async def test_stream_full_appends_nothing(log: StreamLog) -> None:
         await log.append("k", ["c"])
     piece = await log.read_after("k", MAX_TOKENS - 3)
     assert piece == StreamSlice(tokens=["x", "a", "b"], end=None, last_seq=MAX_TOKENS)
+
+
+# ---- append_and_publish: every log with the broker a deployment pairs it with ----------
+
+CHANNEL = user_channel("alice")
+HEAR_TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def paired_broker(
+    request: pytest.FixtureRequest, stream_log: tuple[StreamLog, Advance]
+) -> AsyncIterator[Broker]:
+    """The broker a deployment runs with this log: in memory, or Redis on the same server."""
+    broker: Broker
+    if isinstance(stream_log[0], MemoryStreamLog):
+        broker = MemoryBroker()
+    else:
+        broker = RedisBroker(request.getfixturevalue("redis_clean"))
+    yield broker
+    await broker.aclose()
+
+
+def token_event(tokens: Sequence[str]) -> Callable[[int], Event]:
+    return lambda seq: TokenFrame(id="k", seq=seq, data="".join(tokens), n=len(tokens))
+
+
+class Heard:
+    """Every event of CHANNEL from subscription on, in the order the subscriber got them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._new = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._new.set()
+
+    async def before(self, marker: Event, broker: Broker) -> list[Event]:
+        """Publish `marker` and wait until it is heard: every event published before it has
+        been heard too (publishes reach a subscriber in order). Returns those."""
+        await broker.publish(CHANNEL, marker)
+        async with asyncio.timeout(HEAR_TIMEOUT):
+            while marker not in self.events:
+                self._new.clear()
+                await self._new.wait()
+        return self.events[: self.events.index(marker)]
+
+
+async def hear(broker: Broker) -> Heard:
+    heard = Heard()
+    await broker.subscribe(CHANNEL, heard)
+    return heard
+
+
+MARKER = TokenFrame(id="marker", seq=1, data="", n=1)
+
+
+async def test_append_and_publish_announces_each_append_at_its_last_seq(
+    log: StreamLog, paired_broker: Broker
+) -> None:
+    heard = await hear(paired_broker)
+    await log.create("k")
+    assert await log.append_and_publish("k", ["a"], paired_broker, CHANNEL, token_event(["a"])) == 1
+    seq = await log.append_and_publish(
+        "k", ["b", "c"], paired_broker, CHANNEL, token_event(["b", "c"])
+    )
+    assert seq == 3
+    assert await heard.before(MARKER, paired_broker) == [
+        TokenFrame(id="k", seq=1, data="a", n=1),
+        TokenFrame(id="k", seq=3, data="bc", n=2),
+    ]
+    assert await log.read_after("k", 0) == StreamSlice(tokens=["a", "b", "c"], end=None, last_seq=3)
+
+
+async def test_append_and_publish_announces_nothing_the_log_refused(
+    log: StreamLog, paired_broker: Broker
+) -> None:
+    heard = await hear(paired_broker)
+    await log.create("k")
+    await log.append("k", ["x"] * (MAX_TOKENS - 1))
+    with pytest.raises(StreamFull):
+        await log.append_and_publish(
+            "k", ["a", "b"], paired_broker, CHANNEL, token_event(["a", "b"])
+        )
+    await log.finish("k", done(MAX_TOKENS - 1), TTL)
+    with pytest.raises(StreamExpired):
+        await log.append_and_publish("k", ["a"], paired_broker, CHANNEL, token_event(["a"]))
+    with pytest.raises(StreamExpired):
+        await log.append_and_publish("never", ["a"], paired_broker, CHANNEL, token_event(["a"]))
+    assert await heard.before(MARKER, paired_broker) == []
+    assert (await log.read_after("k", 0)).last_seq == MAX_TOKENS - 1
 
 
 async def test_unknown_key_is_expired(log: StreamLog) -> None:
@@ -397,3 +500,43 @@ async def test_redis_concurrent_appends_keep_seqs_without_holes(redis_log: Redis
 def test_redis_url_is_checked() -> None:
     with pytest.raises(ValueError, match=r"TOKENWIRE_REDIS_URL must start with redis://"):
         RedisStreamLog("127.0.0.1:6379", MAX_TOKENS)
+
+
+async def test_redis_append_and_publish_is_one_round_trip_with_a_redis_broker(
+    redis_log: RedisStreamLog, redis_clean: str
+) -> None:
+    """The stream's creator knows its next seq, so the append's own script publishes."""
+    broker = RedisBroker(redis_clean)
+    try:
+        heard = await hear(broker)
+        await redis_log.create("k")
+        for n in range(1, 6):
+            seq = await redis_log.append_and_publish(
+                "k", [f"t{n}"], broker, CHANNEL, token_event([f"t{n}"])
+            )
+            assert seq == n
+        assert broker._publisher.batches == 0  # nothing went through the broker's publisher
+        assert await heard.before(MARKER, broker) == [
+            TokenFrame(id="k", seq=n, data=f"t{n}", n=1) for n in range(1, 6)
+        ]
+    finally:
+        await broker.aclose()
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "memory"])
+async def test_redis_append_and_publish_without_the_fence_appends_then_publishes(
+    redis_log: RedisStreamLog, redis_clean: str, broker_kind: str
+) -> None:
+    """A writer that did not create the stream cannot know its next seq before the append,
+    and a broker elsewhere cannot be reached from the script: both publish after it."""
+    broker: Broker = RedisBroker(redis_clean) if broker_kind == "redis" else MemoryBroker()
+    other = RedisStreamLog(redis_clean, MAX_TOKENS)
+    try:
+        heard = await hear(broker)
+        await redis_log.create("k")
+        await redis_log.append("k", ["a", "b"])
+        assert await other.append_and_publish("k", ["c"], broker, CHANNEL, token_event(["c"])) == 3
+        assert await heard.before(MARKER, broker) == [TokenFrame(id="k", seq=3, data="c", n=1)]
+    finally:
+        await other.aclose()
+        await broker.aclose()

@@ -86,6 +86,7 @@ class RedisBroker(Broker):
         keepalive: float = DEFAULT_KEEPALIVE,
     ) -> None:
         check_redis_url(url)
+        self.url = url
         self._redis: Redis = redis_client(
             url, max_connections=max_connections, pool_timeout=pool_timeout
         )
@@ -159,6 +160,10 @@ class RedisBroker(Broker):
         await self._redis.aclose()
 
     # ---- the contract ------------------------------------------------------------------
+
+    def encode(self, event: Event) -> bytes:
+        """`event` as this broker's subscribers decode it (for a script that publishes)."""
+        return self._encoder.encode(event)
 
     async def publish(self, channel: str, event: Event) -> None:
         if self._closed:

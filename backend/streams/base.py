@@ -8,10 +8,11 @@ service (they include the owner, so one user's request id never meets another's)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
+from backend.broker.base import Broker, Event
 from backend.protocol import StreamEnd
 
 DEFAULT_READ_LIMIT = 512
@@ -47,6 +48,21 @@ class StreamLog(ABC):
     async def append(self, key: str, tokens: Sequence[str]) -> int:
         """Append tokens in order; returns the seq of the last. Raises `StreamFull` past the
         bound (appending nothing) and `StreamExpired` if the stream is unknown or ended."""
+
+    async def append_and_publish(
+        self,
+        key: str,
+        tokens: Sequence[str],
+        broker: Broker,
+        channel: str,
+        event: Callable[[int], Event],
+    ) -> int:
+        """`append`, then publish `event(seq of the last token)` on `channel`, as
+        `broker.publish` would (at most once). Nothing is published when the append raises.
+        A log kept where the broker is may do both in one step (one round trip)."""
+        seq = await self.append(key, tokens)
+        await broker.publish(channel, event(seq))
+        return seq
 
     @abstractmethod
     async def finish(self, key: str, end: StreamEnd, ttl: float) -> None:

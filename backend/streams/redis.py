@@ -27,6 +27,11 @@ Deliberate choices a reader might want to "fix":
   or if its last seq is not the one expected (another writer appended, or an earlier
   append's reply was lost after it was applied). An instance that never created the key
   appends unfenced, as the contract allows.
+- `append_and_publish` with a `RedisBroker` on the same Redis publishes from the append's
+  script, after the tokens are in: one round trip per batch of tokens instead of two, and
+  the event can never announce tokens the log refused. It needs the seq in the event
+  before the script runs, so only fenced appends (streams this instance created, whose
+  next seq it knows) go this way; the others append, then publish.
 - `len()` counts the streams this instance created that have not expired by its own clock
   (there is no cheap exact count of one prefix in Redis, and metrics are per node anyway).
 """
@@ -42,6 +47,8 @@ from typing import Any, Final
 import msgspec
 from redis.asyncio import Redis
 
+from backend.broker.base import Broker, Event
+from backend.broker.redis import RedisBroker
 from backend.protocol import StreamEnd
 from backend.redis_conn import DEFAULT_MAX_CONNECTIONS, key_tag, redis_client, ttl_ms
 from backend.redis_pipeline import Pipeliner
@@ -76,8 +83,9 @@ return {ARGV[1], 0}
 """
 
 # KEYS: log, end. ARGV: generation ('' = unfenced), expected last seq (-1 = unfenced),
-# max tokens, running ttl (ms), tokens...
+# max tokens, running ttl (ms), channel ('' = none), message, tokens...
 # Returns the new last seq, -1 if the stream is unknown, ended or fenced off, -2 if full.
+# Publishes `message` on `channel` once the tokens are in, and only then.
 _APPEND: Final = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local n = redis.call('XLEN', KEYS[1])
@@ -89,12 +97,13 @@ end
 local last = n - 1
 local expected = tonumber(ARGV[2])
 if expected >= 0 and expected ~= last then return -1 end
-local count = #ARGV - 4
+local count = #ARGV - 6
 if last + count > tonumber(ARGV[3]) then return -2 end
 for i = 1, count do
-  redis.call('XADD', KEYS[1], (last + i) .. '-0', 't', ARGV[4 + i])
+  redis.call('XADD', KEYS[1], (last + i) .. '-0', 't', ARGV[6 + i])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return last + count
 """
 
@@ -156,6 +165,7 @@ class RedisStreamLog(StreamLog):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.url = url
         self._redis: Redis = redis_client(url, max_connections=max_connections)
         self._max_tokens = max_tokens
         self._running_ttl = running_ttl
@@ -197,13 +207,45 @@ class RedisStreamLog(StreamLog):
         )
 
     async def append(self, key: str, tokens: Sequence[str]) -> int:
+        return await self._appended(key, tokens, self._created.get(key), "", b"")
+
+    async def append_and_publish(
+        self,
+        key: str,
+        tokens: Sequence[str],
+        broker: Broker,
+        channel: str,
+        event: Callable[[int], Event],
+    ) -> int:
         created = self._created.get(key)
+        if created is None or not (isinstance(broker, RedisBroker) and broker.url == self.url):
+            return await super().append_and_publish(key, tokens, broker, channel, event)
+        # Fenced: the script refuses the append unless the stream's last seq is the one
+        # known here, so when it publishes, the event's seq is this one.
+        message = broker.encode(event(created.last_seq + len(tokens)))
+        return await self._appended(key, tokens, created, channel, message)
+
+    async def _appended(
+        self,
+        key: str,
+        tokens: Sequence[str],
+        created: _Created | None,
+        channel: str,
+        message: bytes,
+    ) -> int:
         fence: list[Any] = ["", -1] if created is None else [created.generation, created.last_seq]
         last_seq = int(
             await self._appender.script(
                 self._append,
                 keys=[log_key(key), end_key(key)],
-                args=[*fence, self._max_tokens, ttl_ms(self._running_ttl), *tokens],
+                args=[
+                    *fence,
+                    self._max_tokens,
+                    ttl_ms(self._running_ttl),
+                    channel,
+                    message,
+                    *tokens,
+                ],
             )
         )
         if last_seq == _EXPIRED:
