@@ -12,6 +12,11 @@ Deliberate choices a reader might want to "fix":
 - RESP2, explicitly. redis-py 8 speaks RESP3 by default and then enables "maintenance
   notifications", under which the pool hands out a connection that the server has closed
   (after a Redis restart, the first command on each old connection failed).
+- `ReplyReader` reads replies straight off a redis-py connection's stream and parses them
+  with hiredis, every reply of a read at once: redis-py's `read_response` costs an await
+  and a timeout per reply, which under load was a large share of a node's CPU. It relies
+  on redis-py having read nothing past the connection's handshake, true as long as only
+  the `ReplyReader` reads after `connect()`.
 - Key names put the part that scopes them (a user, a stream) in a Redis Cluster hash tag,
   `{...}`, escaped so that no user id can end the tag early: all keys of one user or one
   stream then share a slot, which multi-key scripts need on a cluster, and two different
@@ -20,15 +25,21 @@ Deliberate choices a reader might want to "fix":
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+from typing import Any, Final
 
+import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
 
 URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 DEFAULT_MAX_CONNECTIONS: Final = 32  # per client; callers beyond it wait for a connection
 DEFAULT_POOL_TIMEOUT: Final = 10.0  # seconds to wait for a free connection, then fail
 DEFAULT_SOCKET_TIMEOUT: Final = 5.0  # seconds for one command's reply
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0  # seconds to open a connection
+READ_SIZE: Final = 256 * 1024  # bytes per read of a `ReplyReader`
 
 
 def check_redis_url(url: str) -> str:
@@ -72,3 +83,29 @@ def key_tag(part: str) -> str:
 def ttl_ms(seconds: float) -> int:
     """A TTL in whole milliseconds, at least 1 (Redis refuses 0 and treats less as expired)."""
     return max(1, round(seconds * 1000))
+
+
+class ReplyReader:
+    """The replies arriving on an open redis-py connection (`await connection.connect()`
+    done, nothing read since), parsed by hiredis with redis-py's error classes: an error
+    reply is returned as its exception (`ResponseError`, `NoScriptError`, ...), not raised."""
+
+    def __init__(self, connection: Any) -> None:
+        self._stream: asyncio.StreamReader = connection._reader
+        self._parser = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error
+        )
+
+    async def next(self) -> list[Any]:
+        """Every whole reply of the next read (at least one). Raises redis-py's
+        `ConnectionError` when Redis closed the connection, `OSError` when it failed."""
+        while True:
+            data = await self._stream.read(READ_SIZE)
+            if not data:
+                raise RedisConnectionError("Redis closed the connection")
+            self._parser.feed(data)
+            replies = []
+            while (reply := self._parser.gets()) is not False:
+                replies.append(reply)
+            if replies:
+                return replies

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from typing import Any, Final
 
@@ -45,6 +44,7 @@ from backend.redis_conn import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
+    ReplyReader,
     check_redis_url,
     redis_client,
 )
@@ -314,17 +314,18 @@ class RedisBroker(Broker):
 
     async def _read(self, connection: Any) -> None:
         loop = asyncio.get_running_loop()
+        replies = ReplyReader(connection)
         while True:
-            # math.inf: wait for the next message without the socket timeout (redis-py).
-            reply = await connection.read_response(timeout=math.inf, disconnect_on_error=False)
-            self._last_reply = loop.time()
-            if not isinstance(reply, list) or len(reply) < 2:
-                continue  # PONG outside subscribed mode
-            kind = reply[0]
-            if kind == b"message":
-                self._dispatch(reply[1].decode(), reply[2])
-            elif kind == b"subscribe":
-                self._confirmed(reply[1].decode())
+            # Without a timeout: a quiet channel is fine; `_ping` notices a dead peer.
+            for reply in await replies.next():
+                self._last_reply = loop.time()
+                if not isinstance(reply, list) or len(reply) < 2:
+                    continue  # PONG outside subscribed mode
+                kind = reply[0]
+                if kind == b"message":
+                    self._dispatch(reply[1].decode(), reply[2])
+                elif kind == b"subscribe":
+                    self._confirmed(reply[1].decode())
 
     async def _ping(self, connection: Any) -> None:
         loop = asyncio.get_running_loop()
