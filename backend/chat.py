@@ -105,6 +105,8 @@ class _Generation:
     seq: int = 0
     parts: list[str] = field(default_factory=list)
     charged: int = 0  # of its `seq` tokens, those counted against the user's quota
+    # An append is under way: if it is cut short, the log may hold more than `seq`.
+    appending: bool = False
 
 
 def _stop(gen: _Generation, why: str) -> None:
@@ -435,6 +437,7 @@ class ChatService:
                     raise asyncio.CancelledError
             end = DoneFrame(id=gen.id, seq=gen.seq, reason=reason)
         except asyncio.CancelledError:
+            await self._settle(gen, key)
             if gen.stop == "cancel":
                 end = DoneFrame(id=gen.id, seq=gen.seq, reason="cancelled")
             elif gen.stop == "lease":
@@ -446,6 +449,7 @@ class ChatService:
             end = error_frame(PROVIDER_ERROR, str(exc), gen.id)
         except Exception:
             log.exception("generation %s failed", gen.id)
+            await self._settle(gen, key)
             end = error_frame(PROVIDER_ERROR, PROVIDER_ERROR_MESSAGE, gen.id)
         finally:
             self._running.pop(key, None)
@@ -463,6 +467,7 @@ class ChatService:
             self.metrics.first_token_seconds.observe(time.monotonic() - started)
         data = tokens[0] if len(tokens) == 1 else "".join(tokens)
         n = len(tokens)
+        gen.appending = True
         gen.seq = await self.log.append_and_publish(
             key,
             tokens,
@@ -470,8 +475,25 @@ class ChatService:
             user_channel(gen.user),
             lambda seq: TokenFrame(id=gen.id, seq=seq, data=data, n=n),
         )
+        gen.appending = False
         gen.parts += tokens
         self.metrics.tokens_generated += n
+
+    async def _settle(self, gen: _Generation, key: str) -> None:
+        """An append cut short (the task cancelled, or its reply lost) may still have
+        landed, and its event gone out: the log is the truth, so the generation takes what
+        the log holds beyond `seq`. Its end then names the last token readers saw."""
+        if not gen.appending:
+            return
+        gen.appending = False
+        try:
+            piece = await self.log.read_after(key, gen.seq)
+        except Exception:
+            log.warning("could not read back the last append of %s", gen.id, exc_info=True)
+            return
+        gen.seq += len(piece.tokens)
+        gen.parts += piece.tokens
+        self.metrics.tokens_generated += len(piece.tokens)
 
     async def _end(self, gen: _Generation, end: StreamEnd) -> None:
         key = stream_key(gen.user, gen.id)

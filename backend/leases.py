@@ -15,6 +15,7 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 
 from backend.redis_conn import DEFAULT_MAX_CONNECTIONS, key_tag, redis_client, ttl_ms
+from backend.redis_pipeline import Pipeliner
 
 
 class Leases(ABC):
@@ -91,21 +92,26 @@ class RedisLeases(Leases):
         self._redis: Redis = redis_client(url, max_connections=max_connections)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
+        # A node renews every lease it holds at once: hundreds of commands in one write,
+        # instead of a burst of round trips that stalled the node's streams (bench/latency).
+        self._commands = Pipeliner(self._redis, name="redis leases")
 
     async def acquire(self, key: str, node: str, ttl: float) -> None:
-        await self._redis.set(lease_key(key), node, px=ttl_ms(ttl))
+        await self._commands.command("SET", lease_key(key), node, "PX", ttl_ms(ttl))
 
     async def renew(self, key: str, node: str, ttl: float) -> bool:
-        return bool(await self._renew(keys=[lease_key(key)], args=[node, ttl_ms(ttl)]))
+        renewed = await self._commands.script(self._renew, [lease_key(key)], [node, ttl_ms(ttl)])
+        return bool(renewed)
 
     async def release(self, key: str, node: str) -> None:
-        await self._release(keys=[lease_key(key)], args=[node])
+        await self._commands.script(self._release, [lease_key(key)], [node])
 
     async def holder(self, key: str) -> str | None:
-        value = await self._redis.get(lease_key(key))
+        value = await self._commands.command("GET", lease_key(key))
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
 
     async def aclose(self) -> None:
+        await self._commands.aclose()
         await self._redis.aclose()

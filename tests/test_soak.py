@@ -16,15 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from backend.broker import MemoryBroker
+from backend.broker import Event, MemoryBroker, StreamEnded, user_channel
 from backend.chat import ChatService
 from backend.history import SqliteHistory
 from backend.idempotency import MemoryRequestRegistry
 from backend.leases import MemoryLeases
-from backend.protocol import DoneFrame
+from backend.protocol import DoneFrame, TokenFrame
 from backend.providers import DemoProvider, demo_reply
 from backend.ratelimit import MemoryRateLimiter
-from backend.streams import MemoryStreamLog
+from backend.streams import MemoryStreamLog, StreamLog
 from e2e.proxy import TcpProxy
 from tests.chaos import Tally, gauges, run_streams, warm_up
 from tests.conftest import FAST_DEMO
@@ -144,10 +144,11 @@ def chat_service(
     leases: MemoryLeases,
     provider: DemoProvider,
     lease_ttl: float,
+    log: StreamLog | None = None,
 ) -> ChatService:
     """A chat service in this process, on the memory backends and a real SQLite history."""
     return ChatService(
-        log=MemoryStreamLog(max_tokens=10_000),
+        log=MemoryStreamLog(max_tokens=10_000) if log is None else log,
         broker=broker,
         history=history,
         provider=provider,
@@ -218,6 +219,71 @@ async def test_a_chat_whose_client_left_while_it_was_accepted_still_answers(
 
         async with asyncio.timeout(TIMEOUT):
             assert await answer(chat, "u1", stream) == demo_reply(prompt)
+    finally:
+        await chat.aclose()
+        await history.aclose()
+        await broker.aclose()
+
+
+class LostReplyLog(MemoryStreamLog):
+    """Its `hang_at`-th append lands, and is announced, but the caller never hears back:
+    what a Redis append looks like when its generation is cancelled while it is on the
+    wire (the script runs, publishing the tokens, after the caller stopped waiting)."""
+
+    def __init__(self, hang_at: int) -> None:
+        super().__init__(max_tokens=10_000)
+        self.hang_at = hang_at
+        self.appends = 0
+        self.hung = asyncio.Event()
+
+    async def append_and_publish(self, *args: Any) -> int:
+        seq = await super().append_and_publish(*args)
+        self.appends += 1
+        if self.appends == self.hang_at:
+            self.hung.set()
+            await asyncio.Event().wait()  # the reply that never comes
+        return seq
+
+
+async def test_a_cancel_while_an_append_is_on_the_wire_ends_after_its_tokens(
+    tmp_path: Path,
+) -> None:
+    """Found by test_multinode (1 run in 4): a cancel landed while the append's script was
+    on the wire. The tokens went out, but the generation still knew the seq before them,
+    so readers got `done` with a seq lower than the last token they had."""
+    history = await SqliteHistory.open(str(tmp_path / "history.db"))
+    broker = MemoryBroker()
+    log = LostReplyLog(hang_at=5)
+    provider = DemoProvider(
+        first_token_delay=FAST_DEMO["demo_first_token_delay"],
+        tokens_per_second=FAST_DEMO["demo_tokens_per_second"],
+    )
+    chat = chat_service(history, broker, MemoryLeases(), provider, lease_ttl=10.0, log=log)
+    heard: list[Event] = []
+    ended = asyncio.Event()
+
+    def listener(event: Event) -> None:
+        heard.append(event)
+        if isinstance(event, StreamEnded):
+            ended.set()
+
+    await broker.subscribe(user_channel("u1"), listener)
+    await chat.open()
+    try:
+        stream, conversation = new_id(), new_id()
+        await chat.start("u1", stream, conversation, "cut me off", origin="c1")
+        async with asyncio.timeout(TIMEOUT):
+            await log.hung.wait()
+            await chat.cancel("u1", stream)
+            await ended.wait()
+        tokens = [e for e in heard if isinstance(e, TokenFrame)]
+        end = next(e for e in heard if isinstance(e, StreamEnded))
+        last = (await log.read_after(f"u1:{stream}", 0)).last_seq
+        assert tokens[-1].seq == last == end.seq
+        assert end.frame == DoneFrame(id=stream, seq=last, reason="cancelled")
+        messages = await history.messages("u1", conversation)
+        assert messages is not None
+        assert messages[-1].text == "".join(t.data for t in tokens)
     finally:
         await chat.aclose()
         await history.aclose()

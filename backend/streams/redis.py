@@ -11,7 +11,10 @@ Key layout, for a stream `key` (`{key}` is the escaped hash tag of `backend.redi
   stream runs.
 
 Every operation is one Lua script (one round trip, atomic), so an `append` can never land
-after a `finish`, and a read never sees an end without the tokens before it.
+after a `finish`, and a read never sees an end without the tokens before it. All of an
+instance's scripts go in order on one pipelined connection: a read or a `finish` runs after
+every append issued before it, also one whose caller was cancelled while it was on the
+wire (the chat service reads such an append back when it ends the stream).
 
 Deliberate choices a reader might want to "fix":
 
@@ -175,8 +178,9 @@ class RedisStreamLog(StreamLog):
         self._finish = self._redis.register_script(_FINISH)
         self._read = self._redis.register_script(_READ)
         # Appends are the hot path (one per batch of tokens of every running stream): the
-        # appends of many streams share a round trip.
-        self._appender = Pipeliner(self._redis, name="redis stream log appends")
+        # appends of many streams share a write. Every other script goes the same way, so
+        # they run in the order they were issued.
+        self._scripts = Pipeliner(self._redis, name="redis stream log")
         self._encoder = msgspec.json.Encoder()
         self._end_decoder: msgspec.json.Decoder[StreamEnd] = msgspec.json.Decoder(StreamEnd)
         self._created: dict[str, _Created] = {}
@@ -191,12 +195,13 @@ class RedisStreamLog(StreamLog):
         """Close the connections; calling it again does nothing."""
         if not self._closed:
             self._closed = True
-            await self._appender.aclose()
+            await self._scripts.aclose()
             await self._redis.aclose()
 
     async def create(self, key: str) -> None:
         self._sweep()
-        generation, last_seq = await self._create(
+        generation, last_seq = await self._scripts.script(
+            self._create,
             keys=[log_key(key), end_key(key)],
             args=[secrets.token_hex(8), ttl_ms(self._running_ttl)],
         )
@@ -235,7 +240,7 @@ class RedisStreamLog(StreamLog):
     ) -> int:
         fence: list[Any] = ["", -1] if created is None else [created.generation, created.last_seq]
         last_seq = int(
-            await self._appender.script(
+            await self._scripts.script(
                 self._append,
                 keys=[log_key(key), end_key(key)],
                 args=[
@@ -260,7 +265,8 @@ class RedisStreamLog(StreamLog):
     async def finish(self, key: str, end: StreamEnd, ttl: float) -> None:
         created = self._created.get(key)
         generation = "" if created is None else created.generation
-        result = await self._finish(
+        result = await self._scripts.script(
+            self._finish,
             keys=[log_key(key), end_key(key)],
             args=[generation, self._encoder.encode(end), ttl_ms(ttl)],
         )
@@ -273,7 +279,9 @@ class RedisStreamLog(StreamLog):
         self, key: str, after: int, limit: int = DEFAULT_READ_LIMIT
     ) -> StreamSlice:
         after = max(after, 0)
-        reply = await self._read(keys=[log_key(key), end_key(key)], args=[after + 1, max(limit, 0)])
+        reply = await self._scripts.script(
+            self._read, keys=[log_key(key), end_key(key)], args=[after + 1, max(limit, 0)]
+        )
         if reply is None:
             raise StreamExpired(key)
         last_seq, encoded_end, raw_tokens = reply
