@@ -392,9 +392,9 @@ class ChatService:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             running = list(self._running.items())
-            # All at once (the Redis pool bounds how many are in flight): one round trip
-            # after another, a node with hundreds of generations under load took longer than
-            # a lease to get round them, and leases lapsed mid-stream.
+            # All at once (on Redis, in one pipelined write): one round trip after another,
+            # a node with hundreds of generations under load took longer than a lease to get
+            # round them, and leases lapsed mid-stream.
             renewed = await asyncio.gather(
                 *(self.leases.renew(key, self.node, self.lease_ttl) for key, _ in running),
                 return_exceptions=True,

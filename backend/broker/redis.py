@@ -105,7 +105,8 @@ class RedisBroker(Broker):
         }
         self._keepalive = keepalive
         # Every publish of this process goes through one pipeliner: under load, the events
-        # of many generations share a round trip instead of each paying for one.
+        # of many generations share a write instead of each paying for a round trip. (Token
+        # events mostly go with their append instead: `RedisStreamLog.append_and_publish`.)
         self._publisher = Pipeliner(self._redis, name="redis broker publisher")
         self._encoder = msgspec.json.Encoder()
         self._decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
