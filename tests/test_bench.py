@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import floors
 from bench.__main__ import FIGURES
 from bench.resume import DUPLICATED, LOST
 from tests.harness import ROOT
@@ -90,3 +91,15 @@ def test_a_missing_figure_module_fails_the_run_clearly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "figure module(s) missing: bench/nonesuch.py" in result.stderr
     assert not (tmp_path / "results.md").exists()
+
+
+def test_floors_measure_pacing_and_writes() -> None:
+    """`python -m bench.floors` at a tiny size: both floors measured in their own
+    processes, at the rate asked for."""
+    paced = floors.pacing(streams=20, seconds=0.5)
+    assert paced.per_second > 0.5 * 20 * floors.RATE, paced  # tokens flowed at the pace
+    assert paced.us_each > 0 and paced.core_share > 0, paced
+    written = floors.writes(connections=20, tick=0.01, seconds=0.5)
+    assert written.per_second > 0.5 * 20 / 0.01, written  # a frame per connection per tick
+    assert written.us_each > 0 and written.core_share > 0, written
+    assert "writes, 20 connections every 10 ms" in floors.report(written)
