@@ -34,6 +34,23 @@ class Histogram:
         self.count += 1
 
 
+# Where a failure of the server's own code can be contained (`Metrics.contained_failures`): one
+# client frame, one WebSocket connection's machinery, one HTTP or SSE request, and a task
+# or callback of the event loop that nothing awaited.
+FAILURE_PLACES: Final = ("frame", "connection", "http", "loop")
+
+
+@dataclass
+class Labelled:
+    """A counter with one label: `counts[value]` for each value of `label`."""
+
+    label: str
+    counts: dict[str, int]
+
+    def add(self, value: str) -> None:
+        self.counts[value] = self.counts.get(value, 0) + 1
+
+
 @dataclass
 class Metrics:
     """Counters since the process started (Prometheus `_total` counters)."""
@@ -55,6 +72,10 @@ class Metrics:
     tokens_generated: int = 0
     provider_errors: int = 0
     first_token_seconds: Histogram = field(default_factory=Histogram)
+    # Failures of our own code that were contained, by place (`FAILURE_PLACES`).
+    contained_failures: Labelled = field(
+        default_factory=lambda: Labelled("place", dict.fromkeys(FAILURE_PLACES, 0))
+    )
 
 
 # ---- rendering ---------------------------------------------------------------------------
@@ -76,6 +97,9 @@ HELP: Final[dict[str, str]] = {
     "tokens_generated": "Tokens produced by the model",
     "provider_errors": "Generations that ended with provider_error",
     "first_token_seconds": "Seconds from a generation's start to its first token",
+    "contained_failures": "Exceptions of the server's own code that were contained, by place "
+    "(frame: answered internal; connection: closed 1011; http: answered 500; loop: an "
+    "unawaited task or callback)",
 }
 
 
@@ -100,6 +124,8 @@ def render(metrics: Metrics, samples: Iterable[Sample] = ()) -> str:
         help_text = HELP.get(f.name, f.name.replace("_", " "))
         if isinstance(value, Histogram):
             lines += _histogram(PREFIX + f.name, help_text, value)
+        elif isinstance(value, Labelled):
+            lines += _labelled(f"{PREFIX}{f.name}_total", help_text, value)
         elif isinstance(value, int | float):
             lines += _sample(Sample(f"{PREFIX}{f.name}_total", "counter", help_text, value))
     for sample in samples:
@@ -122,6 +148,13 @@ def _histogram(name: str, help_text: str, h: Histogram) -> list[str]:
         cumulative += count
         lines.append(f'{name}_bucket{{le="{_num(bound)}"}} {cumulative}')
     lines += [f"{name}_sum {_num(h.total)}", f"{name}_count {h.count}"]
+    return lines
+
+
+def _labelled(name: str, help_text: str, counter: Labelled) -> list[str]:
+    lines = [f"# HELP {name} {_help(help_text)}", f"# TYPE {name} counter"]
+    for value, count in counter.counts.items():
+        lines.append(f'{name}{{{counter.label}="{value}"}} {count}')
     return lines
 
 

@@ -7,6 +7,7 @@ frame goes through `decode_client_frame`, so validation has exactly one implemen
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -22,6 +23,15 @@ _ID_RE: Final = re.compile(ID_PATTERN)
 # in range.
 MAX_SEQ: Final = 2**53 - 1
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+# `t` of ping and pong is echoed back, so it must be a number JavaScript holds exactly: an
+# integer within 2**53 either way, or a finite double (JSON has no infinity; a literal
+# beyond a double's range, such as 1e999999, is refused by the decoder).
+MAX_EXACT_INT: Final = 2**53
+Time = Annotated[int, msgspec.Meta(ge=-MAX_EXACT_INT, le=MAX_EXACT_INT)] | float
+# How deep arrays and objects may nest in a client frame (the frame's own object is level
+# 1). No valid frame goes past 2; the bound keeps every decoder, which recurses once per
+# level, far from the interpreter's recursion limit whatever a client sends.
+MAX_NESTING: Final = 32
 
 
 # Error codes (PROTOCOL.md, "Error codes").
@@ -35,6 +45,9 @@ STREAM_EXPIRED: Final = "stream_expired"
 PROVIDER_ERROR: Final = "provider_error"
 OVERLOADED: Final = "overloaded"
 SHUTTING_DOWN: Final = "shutting_down"
+# A failure of the server while it handled one frame or request: the connection and its
+# streams carry on, and the same request may be retried.
+INTERNAL: Final = "internal"
 
 # Whether a client should retry the same request after each error.
 RETRYABLE: Final[dict[str, bool]] = {
@@ -48,6 +61,7 @@ RETRYABLE: Final[dict[str, bool]] = {
     PROVIDER_ERROR: True,
     OVERLOADED: True,
     SHUTTING_DOWN: True,
+    INTERNAL: True,
 }
 
 # The HTTP status that carries each error code.
@@ -62,13 +76,16 @@ HTTP_STATUS: Final[dict[str, int]] = {
     PROVIDER_ERROR: 502,
     OVERLOADED: 503,
     SHUTTING_DOWN: 503,
+    INTERNAL: 500,
 }
 
 # Close codes (PROTOCOL.md, "Close codes").
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
+CLOSE_INVALID_DATA: Final = 1007
 CLOSE_TOO_LARGE: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_HEARTBEAT_TIMEOUT: Final = 4000
 CLOSE_SLOW_CONSUMER: Final = 4001
 
@@ -99,11 +116,11 @@ class CancelFrame(_Frame, tag="cancel"):
 
 
 class PingFrame(_Frame, tag="ping"):
-    t: int | float
+    t: Time
 
 
 class PongFrame(_Frame, tag="pong"):
-    t: int | float
+    t: Time
 
 
 ClientFrame = ChatFrame | ResumeFrame | CancelFrame | PingFrame | PongFrame
@@ -231,20 +248,56 @@ def decode_server_frame(data: bytes | str) -> ServerFrame:
     return frame
 
 
+class _Identified(msgspec.Struct):
+    """Only the `id` of a rejected frame: every other field is skipped unread."""
+
+    id: Any = None
+
+
+_id_decoder = msgspec.json.Decoder(_Identified)
+
+
 def _frame_id(data: bytes | str) -> str | None:
-    """The request id of a rejected frame, when it has a valid one, so the error names it."""
+    """The request id of a rejected frame, when it has a valid one, so the error names it.
+    Called only for frames within the size and nesting limits."""
     try:
-        raw = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeError):
+        value = _id_decoder.decode(data).id
+    except (msgspec.DecodeError, UnicodeError):  # ValidationError: not a JSON object
         return None
-    value = raw.get("id") if isinstance(raw, dict) else None
     return value if isinstance(value, str) and _ID_RE.fullmatch(value) else None
+
+
+# A JSON string, escapes included (possessive: linear time on any input), and the bytes a
+# nesting depth is counted from: `[` and `{` one level down, `]` and `}` one level up.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_LEVELS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def nesting_depth(data: bytes | str) -> int:
+    """How deep arrays and objects nest in JSON `data`, brackets in strings not counted.
+
+    Linear in the size and without recursion. For text that is no JSON, at least the
+    depth of its longest valid prefix, which is as far as a decoder reads."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    levels = _JSON_STRING.sub(b"", raw).translate(_LEVELS, _NOT_BRACKETS)
+    return max(accumulate(memoryview(levels).cast("b")), default=0)
+
+
+def _nests_too_deep(data: bytes | str) -> bool:
+    # Almost every frame has fewer brackets than the limit in all: two C-speed counts.
+    if isinstance(data, str):
+        brackets = data.count("[") + data.count("{")
+    else:
+        brackets = data.count(b"[") + data.count(b"{")
+    return brackets > MAX_NESTING and nesting_depth(data) > MAX_NESTING
 
 
 def decode_client_frame(data: bytes | str, *, max_bytes: int, max_text: int) -> ClientFrame:
     """Validate one client frame, or raise `FrameError` carrying the error frame to send.
 
-    The messages name the offending field but never echo the client's data back.
+    The messages name the offending field but never echo the client's data back. The work
+    is bounded by the frame's size: nothing recurses deeper than MAX_NESTING.
     """
     frame: ClientFrame = _decode(_client_decoder, data, max_bytes)
     if isinstance(frame, ChatFrame):
@@ -270,12 +323,18 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, max_bytes: in
         raise FrameError(
             error_frame(TOO_LARGE, f"frame is larger than the limit of {max_bytes} bytes")
         )
+    if _nests_too_deep(data):
+        # Before any decoder runs: msgspec recurses per level and would raise RecursionError.
+        raise FrameError(
+            error_frame(BAD_FRAME, f"frame nests arrays or objects deeper than {MAX_NESTING}")
+        )
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise FrameError(error_frame(BAD_FRAME, _describe(exc), _frame_id(data))) from None
-    except msgspec.DecodeError:
-        raise FrameError(error_frame(BAD_FRAME, "frame is not a JSON object")) from None
+    except msgspec.DecodeError as exc:
+        # msgspec's messages say what is wrong and where, never with the data itself.
+        raise FrameError(error_frame(BAD_FRAME, f"frame is not a JSON object: {exc}")) from None
     except UnicodeError:
         # msgspec raises these, not DecodeError, for a string that is not UTF-8: bytes that
         # do not decode (an HTTP body can hold any), or a str with a lone surrogate.

@@ -12,6 +12,7 @@ import pytest
 from backend.protocol import (
     BAD_FRAME,
     CONFLICT,
+    MAX_NESTING,
     NOT_FOUND,
     OVERLOADED,
     PROTOCOL_VERSION,
@@ -55,6 +56,12 @@ class Refused:
     id: str | None
     retryable: bool
     says: str
+
+
+def at_size(size: int) -> str:
+    """A valid ping of exactly `size` bytes (an ignored field pads it)."""
+    bare = frame(type="ping", t=1, pad="")
+    return frame(type="ping", t=1, pad="p" * (size - len(bare)))
 
 
 def frame(**fields: Any) -> str:
@@ -204,6 +211,97 @@ CASES = [
         Refused(TOO_LARGE, "r1", False, f"{MAX_TEXT} characters"),
         id="text-over-max-text",
     ),
+    pytest.param(at_size(MAX_BYTES - 1), PingFrame(t=1), id="frame-one-byte-under-max-bytes"),
+    pytest.param(at_size(MAX_BYTES), PingFrame(t=1), id="frame-at-max-bytes"),
+    pytest.param(
+        at_size(MAX_BYTES + 1),
+        Refused(TOO_LARGE, None, False, f"{MAX_BYTES} bytes"),
+        id="frame-one-byte-over-max-bytes",
+    ),
+    # ---- nesting: refused before any decoder recurses (it once raised RecursionError) ------
+    pytest.param("[" * 900, bad(f"deeper than {MAX_NESTING}"), id="nested-arrays"),
+    pytest.param('{"a":' * 200, bad(f"deeper than {MAX_NESTING}"), id="nested-objects"),
+    pytest.param(
+        '{"type":"cancel","id":"r1","x":' + "[" * 100 + "]" * 100 + "}",
+        bad(f"deeper than {MAX_NESTING}"),
+        id="nested-in-an-unknown-field",
+    ),
+    pytest.param(
+        '{"type":"cancel","id":"r1","x":' + "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1) + "}",
+        CancelFrame(id="r1"),
+        id="nested-to-the-limit-in-an-unknown-field",
+    ),
+    pytest.param(
+        '{"type":"cancel","x":' + "[" * MAX_NESTING + "]" * MAX_NESTING + ',"id":"r1"}',
+        bad(f"deeper than {MAX_NESTING}"),
+        id="nested-one-past-the-limit",
+    ),
+    pytest.param(
+        chat(text="[{" * 45),
+        ChatFrame(id="r1", conversation="c1", text="[{" * 45),
+        id="brackets-in-a-string-are-text",
+    ),
+    pytest.param(
+        r'{"type":"cancel","id":"r1","x":"\\","y":' + "[" * 40 + "]" * 40 + "}",
+        bad(f"deeper than {MAX_NESTING}"),
+        id="nested-after-an-escaped-backslash",
+    ),
+    # ---- numbers ---------------------------------------------------------------------------
+    pytest.param('{"type":"ping","t":1e999999}', bad("`$.t`"), id="t-beyond-a-double"),
+    pytest.param('{"type":"ping","t":-1e999999}', bad("`$.t`"), id="t-beyond-a-double-negative"),
+    pytest.param(frame(type="ping", t=2**53), PingFrame(t=2**53), id="t-largest-exact-int"),
+    pytest.param(frame(type="ping", t=2**53 + 1), bad("`$.t`"), id="t-beyond-an-exact-int"),
+    pytest.param(frame(type="pong", t=2**64), bad("`$.t`"), id="t-2-to-the-64"),
+    pytest.param(frame(type="ping", t=-(2**70)), bad("`$.t`"), id="t-minus-2-to-the-70"),
+    pytest.param('{"type":"ping","t":1' + "0" * 400 + "}", bad("`$.t`"), id="t-400-digits"),
+    pytest.param('{"type":"ping","t":-0}', PingFrame(t=0), id="t-minus-zero"),
+    pytest.param('{"type":"ping","t":1e308}', PingFrame(t=1e308), id="t-largest-double"),
+    pytest.param('{"type":"ping","t":NaN}', bad("not a JSON object"), id="t-nan"),
+    pytest.param('{"type":"ping","t":Infinity}', bad("not a JSON object"), id="t-infinity"),
+    pytest.param(
+        frame(type="resume", id="r1", after=2**64), bad("`$.after`", "r1"), id="after-2-to-the-64"
+    ),
+    pytest.param(
+        '{"type":"resume","id":"r1","after":-0}',
+        ResumeFrame(id="r1", after=0),
+        id="after-minus-zero",
+    ),
+    pytest.param(
+        '{"type":"resume","id":"r1","after":1e999999}', bad("`$.after`", "r1"), id="after-1e999999"
+    ),
+    # ---- encodings and escapes -------------------------------------------------------------
+    pytest.param("\ufeff" + frame(type="ping", t=1), bad("not a JSON object"), id="bom"),
+    pytest.param(
+        chat(text="\x00"), ChatFrame(id="r1", conversation="c1", text="\x00"), id="nul-escaped"
+    ),
+    pytest.param(
+        '{"type":"chat","id":"r1","conversation":"c1","text":"a\x00b"}',
+        bad("not a JSON object"),
+        id="nul-raw-in-a-string",
+    ),
+    pytest.param(
+        '{"type":"chat","id":"r1","conversation":"c1","text":"\\ud800"}',
+        bad("not a JSON object"),
+        id="escaped-lone-surrogate",
+    ),
+    pytest.param(
+        '{"type":"chat","id":"r1","conversation":"c1","text":"\\udfff\\ud800"}',
+        bad("not a JSON object"),
+        id="escaped-surrogates-in-the-wrong-order",
+    ),
+    pytest.param(
+        '{"type":"chat","id":"r1","conversation":"c1","text":"\\ud83d\\ude00"}',
+        ChatFrame(id="r1", conversation="c1", text="\U0001f600"),
+        id="escaped-surrogate-pair",
+    ),
+    # ---- duplicate keys: each occurrence is checked, the last one counts -------------------
+    pytest.param(
+        '{"type":"cancel","id":"r1","id":"r2"}', CancelFrame(id="r2"), id="duplicate-key-last"
+    ),
+    pytest.param(
+        '{"type":"cancel","id":"a b","id":"r2"}', bad("`$.id`", "r2"), id="duplicate-key-bad-first"
+    ),
+    pytest.param('{"type":"cancel","type":"ping","t":1}', bad("`type`"), id="duplicate-type"),
 ]
 
 
