@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.config.compression import CompressionConfig
@@ -133,9 +133,13 @@ class Runtime:
                 "Run `make run`, or `npm ci --prefix frontend`."
             )
         log.info("tokenwire node %s ready (provider %s)", s.node, self.provider.name)
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_error)
         try:
             yield
         finally:
+            loop.set_exception_handler(previous)
             await self.hub.aclose()  # its heartbeat and watch sweeps
             await self.chat.aclose()
             await self.provider.aclose()
@@ -146,6 +150,12 @@ class Runtime:
             if isinstance(registry, RedisRequestRegistry):
                 await registry.aclose()
             await self.broker.aclose()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """What reached the event loop unhandled (a task's exception nobody retrieved, a
+        callback that raised): counted, then logged as asyncio always does."""
+        self.metrics.contained_failures.add("loop")
+        loop.default_exception_handler(context)
 
     async def drain(self, grace: float) -> Drained:
         """Shutdown, the graceful part, once the server has stopped accepting connections:

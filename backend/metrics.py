@@ -71,11 +71,11 @@ class Metrics:
     # Generation
     tokens_generated: int = 0
     provider_errors: int = 0
-    first_token_seconds: Histogram = field(default_factory=Histogram)
     # Failures of our own code that were contained, by place (`FAILURE_PLACES`).
     contained_failures: Labelled = field(
         default_factory=lambda: Labelled("place", dict.fromkeys(FAILURE_PLACES, 0))
     )
+    first_token_seconds: Histogram = field(default_factory=Histogram)
 
 
 # ---- rendering ---------------------------------------------------------------------------

@@ -194,7 +194,7 @@ ServerFrame = (
 StreamEnd = DoneFrame | ErrorFrame
 
 
-def frame_type(frame: ServerFrame) -> str:
+def frame_type(frame: ServerFrame | ClientFrame) -> str:
     """The `type` a frame is encoded with (its msgspec tag)."""
     return str(frame.__struct_config__.tag)
 

@@ -23,6 +23,7 @@ from backend.protocol import (
     BAD_FRAME,
     HTTP_STATUS,
     ID_PATTERN,
+    INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
     TOO_LARGE,
@@ -72,14 +73,16 @@ def handle_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[byte
 _STATUS_CODES = {404: NOT_FOUND, 405: BAD_FRAME, 413: TOO_LARGE, 401: UNAUTHORIZED}
 
 
-def handle_http_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    """Litestar's own errors (unknown route, wrong method, ...) in our shape."""
+def handle_http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar's own errors (unknown route, wrong method, ...) in our shape, and any other
+    exception as a 500 `internal`: logged once and counted, its text never sent."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status >= 500:
-        log.error("unhandled error", exc_info=exc)
-        frame = ErrorFrame(
-            id=None, code="internal", message="internal server error", retryable=True
-        )
+        runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.metrics.contained_failures.add("http")
+        log.error("%s %s failed; answered 500", request.method, request.url.path, exc_info=exc)
+        frame = error_frame(INTERNAL, "internal server error")
         return Response(encode(frame), status_code=500, media_type=MediaType.JSON)
     code = _STATUS_CODES.get(status, BAD_FRAME)
     message = "no such route" if status == 404 else str(exc.detail)  # type: ignore[attr-defined]

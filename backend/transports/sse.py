@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from backend.chat import ChatError
 from backend.delivery import Delivery
 from backend.protocol import (
     BAD_FRAME,
+    INTERNAL,
     MAX_SEQ,
     DoneFrame,
     ErrorFrame,
@@ -41,6 +43,7 @@ from backend.transports.http import ApiError, checked_id, connect_refusal, user_
 if TYPE_CHECKING:
     from backend.app import Runtime
 
+log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
 
 
@@ -93,6 +96,9 @@ class SseSession:
         self.runtime.metrics.slow_consumer_closes += 1
 
     async def events(self, after: int) -> AsyncIterator[ServerSentEvent]:
+        """The stream's events. A failure of our own code once the response has started
+        ends it with an `internal` error event (retryable: the EventSource may reconnect
+        and resume), logged once and counted, instead of a cut connection."""
         hub = self.runtime.hub
         hub.join_sse(self)
         try:
@@ -102,6 +108,14 @@ class SseSession:
                     yield frame_event(frame)
                     if isinstance(frame, DoneFrame | ErrorFrame):
                         return
+        except Exception as exc:
+            self.runtime.metrics.contained_failures.add("http")
+            log.error(
+                "SSE response of %s failed; ended it with internal", self.stream, exc_info=exc
+            )
+            yield frame_event(
+                error_frame(INTERNAL, "internal server error; reconnect", self.stream)
+            )
         finally:
             hub.leave_sse(self)
 

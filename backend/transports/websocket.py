@@ -18,6 +18,12 @@ closed last. The `Hub` knows every live client (WebSocket connections and SSE re
 for admission, metrics and the shutdown, which tells each to go away; its one heartbeat
 sweep pings every connection and closes the silent ones with 4000, so an idle connection
 has no task or timer of its own.
+
+Failures of our own code are contained where they happen (PROTOCOL.md: bad input never
+breaks a connection, and neither may a bug): an exception while one client frame is
+handled answers that frame with `internal` (retryable) and the connection carries on; an
+exception in the connection's own machinery closes that connection with 1011. Each is
+logged once, with the connection's context, and counted in `/metrics`.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ from backend.protocol import (
     BAD_FRAME,
     CLOSE_GOING_AWAY,
     CLOSE_HEARTBEAT_TIMEOUT,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
+    INTERNAL,
     AckFrame,
     CancelFrame,
     ChatFrame,
@@ -59,6 +67,7 @@ from backend.protocol import (
     encode,
     encode_text,
     error_frame,
+    frame_type,
 )
 from backend.security import origin_allowed
 from backend.transports.http import connect_refusal
@@ -72,6 +81,7 @@ log = logging.getLogger(__name__)
 # A close frame to a client that does not read may never leave; stop waiting after this.
 CLOSE_TIMEOUT: Final = 2.0
 BINARY_REFUSED: Final = "binary frames are not accepted; send JSON text"
+FRAME_FAILED: Final = "the server failed while handling this frame; send it again"
 _connection_ids = itertools.count(1)
 
 
@@ -165,6 +175,42 @@ class Connection(abc.ABC):
             return None
         bind(stream=getattr(frame, "id", None))  # log lines (and a generation's) name it
         return frame
+
+    def _take(self, text: str) -> tuple[ClientFrame, Coroutine[Any, Any, None]] | None:
+        """Decode and handle `text`; what must wait is returned with its frame, to be awaited
+        by `_finish`. A failure is contained: the frame is answered `internal`."""
+        frame = None
+        try:
+            frame = self._decode(text)
+            if frame is None:
+                return None
+            pending = self._dispatch(frame)
+        except Exception as exc:
+            self._frame_failed(frame, exc)
+            return None
+        return None if pending is None else (frame, pending)
+
+    async def _finish(self, frame: ClientFrame, pending: Coroutine[Any, Any, None]) -> None:
+        try:
+            await pending
+        except Exception as exc:  # a cancel (the connection closing) goes on
+            self._frame_failed(frame, exc)
+
+    def _frame_failed(self, frame: ClientFrame | None, exc: Exception) -> None:
+        """One client frame could not be handled: say so for that frame (its stream, if it
+        started one, is left as it is), log it once, and carry on."""
+        self.runtime.metrics.contained_failures.add("frame")
+        kind = frame_type(frame) if frame is not None else "client"
+        log.error(
+            "connection %s: a %s frame failed; answered internal", self.name, kind, exc_info=exc
+        )
+        self.delivery.push(error_frame(INTERNAL, FRAME_FAILED, getattr(frame, "id", None)))
+
+    def _connection_failed(self, where: str, exc: BaseException) -> None:
+        """The connection's own machinery failed: log it once and close with 1011."""
+        self.runtime.metrics.contained_failures.add("connection")
+        log.error("connection %s failed %s; closing it with 1011", self.name, where, exc_info=exc)
+        self.request_close(CLOSE_INTERNAL_ERROR, "internal error; reconnect")
 
     def _dispatch(self, frame: ClientFrame) -> Coroutine[Any, Any, None] | None:
         """Handle `frame`; what must wait (a storage round trip) is returned, to await."""
@@ -260,6 +306,10 @@ class WireConnection(Connection):
 
     # ---- WireHandler: what the protocol calls ----------------------------------------------
 
+    # Each runs in the connection's log context, and none lets an exception reach the
+    # protocol (asyncio would call it a fatal error of the transport and drop the socket
+    # without a close frame): `_run` contains it.
+
     def on_text(self, text: str) -> None:
         self._last_received = time.monotonic()
         if self._busy is not None:
@@ -267,28 +317,35 @@ class WireConnection(Connection):
                 self._waiting = deque()
             self._waiting.append(text)
             return
-        assert self._context is not None
-        self._context.run(self._handle, text)
+        self._run("handling a frame", self._handle, text)
 
     def on_binary(self, data: bytes) -> None:
         self._last_received = time.monotonic()
-        self.delivery.push(error_frame(BAD_FRAME, BINARY_REFUSED))
+        self._run(
+            "refusing a binary frame", self.delivery.push, error_frame(BAD_FRAME, BINARY_REFUSED)
+        )
 
     def on_writable(self) -> None:
-        self._flush()
+        self._run("writing", self._flush)
 
     def on_closed(self, code: int) -> None:
         self.wire = None
+        self._run("closing", self._on_closed)
+
+    def _run(self, where: str, call: Callable[..., None], *args: Any) -> None:
+        assert self._context is not None
+        try:
+            self._context.run(call, *args)
+        except Exception as exc:
+            self._context.run(self._connection_failed, where, exc)
+
+    def _on_closed(self) -> None:
         self.delivery.stop()
         busy, self._busy = self._busy, None
         if busy is not None:
             busy.cancel()  # a chat's acceptance goes on: the chat service shields it
         self._waiting = None
-        _owned(
-            asyncio.create_task(
-                self._closed(busy), name=f"{self.name} closed", context=self._context
-            )
-        )
+        _owned(asyncio.create_task(self._closed(busy), name=f"{self.name} closed"))
 
     async def _closed(self, busy: asyncio.Task[None] | None) -> None:
         try:
@@ -302,25 +359,25 @@ class WireConnection(Connection):
 
     def _handle(self, text: str) -> None:
         """In the connection's log context: handle `text` now, or start its task."""
-        frame = self._decode(text)
-        if frame is None:
+        taken = self._take(text)
+        if taken is None:
             return
-        pending = self._dispatch(frame)
-        if pending is not None and self.wire is not None:
-            self.wire.pause_reading()  # the frames after it wait in the kernel meanwhile
-            self._busy = asyncio.create_task(self._handle_in_order(pending))
-        elif pending is not None:
-            pending.close()
+        if self.wire is None:
+            taken[1].close()
+            return
+        self.wire.pause_reading()  # the frames after it wait in the kernel meanwhile
+        self._busy = asyncio.create_task(self._handle_in_order(*taken))
 
-    async def _handle_in_order(self, pending: Coroutine[Any, Any, None]) -> None:
+    async def _handle_in_order(
+        self, frame: ClientFrame, pending: Coroutine[Any, Any, None]
+    ) -> None:
         try:
-            await pending
+            await self._finish(frame, pending)
             while self._waiting:
-                frame = self._decode(self._waiting.popleft())
-                if frame is not None and (later := self._dispatch(frame)) is not None:
-                    await later
-        except Exception:
-            log.exception("connection %s failed while handling a frame", self.name)
+                if (later := self._take(self._waiting.popleft())) is not None:
+                    await self._finish(*later)
+        except Exception as exc:
+            self._connection_failed("while handling frames in order", exc)
         finally:
             if self._busy is asyncio.current_task():
                 self._busy = None
@@ -366,8 +423,8 @@ class TaskConnection(Connection):
                     # goes on.
                     if not self._interrupting or task is None or task.uncancel() > 0:
                         raise
-                except Exception:
-                    log.exception("connection %s failed while receiving", self.name)
+                except Exception as exc:
+                    self._connection_failed("while receiving", exc)
                 finally:
                     self._task = None
                     sender.remove_done_callback(self._sender_ended)
@@ -383,7 +440,9 @@ class TaskConnection(Connection):
             self._interrupting = True
             self._task.cancel()
 
-    def _sender_ended(self, _: asyncio.Task[None]) -> None:
+    def _sender_ended(self, sender: asyncio.Task[None]) -> None:
+        if not sender.cancelled() and (exc := sender.exception()) is not None:
+            self._connection_failed("while sending", exc)
         self._interrupt()
 
     def request_close(self, code: int, reason: str = "") -> None:
@@ -412,9 +471,8 @@ class TaskConnection(Connection):
             if not isinstance(text, str):
                 self.delivery.push(error_frame(BAD_FRAME, BINARY_REFUSED))
                 continue
-            frame = self._decode(text)
-            if frame is not None and (pending := self._dispatch(frame)) is not None:
-                await pending
+            if (taken := self._take(text)) is not None:
+                await self._finish(*taken)
 
     async def _send_loop(self) -> None:
         send = self.socket.send
@@ -450,10 +508,17 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     await socket.accept()
     # Under tokenwire's own WebSocket protocol (`python -m backend`): see the docstring.
     detach: Callable[[WireConnection], Wire] | None = socket.scope.get(DETACH)  # type: ignore[assignment]
-    if detach is not None:
-        await WireConnection(runtime, user).attach(detach)
-    else:
-        await TaskConnection(socket, runtime, user).run()
+    try:
+        if detach is not None:
+            await WireConnection(runtime, user).attach(detach)
+        else:
+            await TaskConnection(socket, runtime, user).run()
+    except Exception as exc:
+        # Opening failed (the subscription, say): this connection only, closed with 1011.
+        runtime.metrics.contained_failures.add("connection")
+        log.error("WebSocket connection failed while opening; closed with 1011", exc_info=exc)
+        with contextlib.suppress(Exception):
+            await socket.close(code=CLOSE_INTERNAL_ERROR, reason="internal error; reconnect")
 
 
 async def admission_refusal(

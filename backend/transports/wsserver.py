@@ -59,6 +59,7 @@ DETACH: Final = "tokenwire.detach"  # the scope key of `WireProtocol.detach`
 # transport is closed anyway (also bounds a close stuck behind data a client never reads).
 CLOSE_TIMEOUT: Final = 2.0
 GOING_AWAY: Final = 1001
+INTERNAL_ERROR: Final = 1011
 SERVICE_RESTART: Final = 1012
 
 # States.
@@ -154,13 +155,36 @@ class WireProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self._server_state.connections.add(cast(Any, self))
 
+    # Every entry point from asyncio contains what it raises (`_failed`): an exception that
+    # reached asyncio would be logged as a fatal error of the transport, which is then
+    # dropped without a close frame.
+
     def data_received(self, data: bytes) -> None:
-        if self.scope is None and self._state == _HANDSHAKE:
-            self._handshake(data)  # uvicorn hands over the upgrade request first
+        try:
+            if self.scope is None and self._state == _HANDSHAKE:
+                self._handshake(data)  # uvicorn hands over the upgrade request first
+                return
+            self._reader.feed(data)
+            if self._state in (_OPEN, _CLOSING):
+                self._read_frames()
+        except Exception as exc:
+            self._failed("reading", exc)
+
+    def _failed(self, where: str, exc: Exception) -> None:
+        """A bug, here or in the handler: log it once, close with 1011 (or answer 500 to a
+        handshake), and tell the owner once, as for any close."""
+        log.error("WebSocket connection failed while %s; closed with 1011", where, exc_info=exc)
+        if self._state == _HANDSHAKE:
+            self._refuse(500, "Internal Server Error")
             return
-        self._reader.feed(data)
-        if self._state in (_OPEN, _CLOSING):
-            self._read_frames()
+        if self._state == _OPEN:
+            self.transport.write(close_frame(INTERNAL_ERROR, "internal error"))
+        self._state = _CLOSED
+        self.transport.close()
+        try:
+            self._closed(INTERNAL_ERROR)
+        except Exception:
+            log.exception("WebSocket connection failed while closing after a failure")
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: a half-closed WebSocket is of no use
@@ -172,7 +196,10 @@ class WireProtocol(asyncio.Protocol):
         self._writable = True
         self._wake()
         if self._handler is not None and self._state == _OPEN:
-            self._handler.on_writable()
+            try:
+                self._handler.on_writable()
+            except Exception as exc:
+                self._failed("writing", exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server_state.connections.discard(cast(Any, self))
@@ -182,8 +209,11 @@ class WireProtocol(asyncio.Protocol):
         already = self._state == _CLOSED
         self._state = _CLOSED
         self._writable = False
-        if not already:
-            self._closed(CLOSE_ABNORMAL)
+        try:
+            if not already:
+                self._closed(CLOSE_ABNORMAL)
+        except Exception:
+            log.exception("WebSocket connection failed while closing")
         self._wake()
 
     def shutdown(self) -> None:
@@ -270,7 +300,7 @@ class WireProtocol(asyncio.Protocol):
             log.exception("Exception in ASGI application\n")
             self._refuse(500, "Internal Server Error")
             if self._state == _OPEN:
-                self.close(1011, "internal error")
+                self.close(INTERNAL_ERROR, "internal error")
         else:
             if self._state == _HANDSHAKE:
                 log.error("ASGI callable returned without completing handshake.")
@@ -296,6 +326,12 @@ class WireProtocol(asyncio.Protocol):
         return self
 
     def _attach(self, handler: WireHandler) -> None:
+        try:
+            self._attach_now(handler)
+        except Exception as exc:
+            self._failed("attaching", exc)
+
+    def _attach_now(self, handler: WireHandler) -> None:
         inbox, self._inbox = self._inbox or deque(), None
         self._handler = handler
         for message in inbox:
