@@ -293,16 +293,22 @@ class WireConnection(Connection):
     def _flush(self) -> None:
         """Write what the delivery queued, at once: the delivery calls this when frames
         wait (once, until they are taken), so tokens are joined only by the process's flush
-        tick under load (`backend.flush`), and nothing waits for another loop round."""
+        tick under load (`backend.flush`), and nothing waits for another loop round.
+
+        Contained here, not by the caller: it runs in whatever queued the frame (a broker
+        event of a generation, another connection's frame), which must not fail with it."""
         wire = self.wire
         if wire is None:
             return
         payloads = []
         pop = self.delivery.pop_frame
-        while wire.writable and (frame := pop()) is not None:
-            payloads.append(encode(frame))
-        if payloads:
-            wire.send_texts(payloads)
+        try:
+            while wire.writable and (frame := pop()) is not None:
+                payloads.append(encode(frame))
+            if payloads:
+                wire.send_texts(payloads)
+        except Exception as exc:
+            self._connection_failed("while writing", exc)
 
     # ---- WireHandler: what the protocol calls ----------------------------------------------
 
@@ -317,20 +323,22 @@ class WireConnection(Connection):
                 self._waiting = deque()
             self._waiting.append(text)
             return
-        self._run("handling a frame", self._handle, text)
+        self._run("while handling a frame", self._handle, text)
 
     def on_binary(self, data: bytes) -> None:
         self._last_received = time.monotonic()
         self._run(
-            "refusing a binary frame", self.delivery.push, error_frame(BAD_FRAME, BINARY_REFUSED)
+            "while refusing a binary frame",
+            self.delivery.push,
+            error_frame(BAD_FRAME, BINARY_REFUSED),
         )
 
     def on_writable(self) -> None:
-        self._run("writing", self._flush)
+        self._flush()
 
     def on_closed(self, code: int) -> None:
         self.wire = None
-        self._run("closing", self._on_closed)
+        self._run("while closing", self._on_closed)
 
     def _run(self, where: str, call: Callable[..., None], *args: Any) -> None:
         assert self._context is not None
