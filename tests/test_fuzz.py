@@ -10,6 +10,7 @@ Runs are derandomized, so CI sees the same examples every time.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from typing import Any, Final
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from backend.protocol import (
     BAD_FRAME,
     HTTP_STATUS,
+    MAX_EXACT_INT,
+    MAX_NESTING,
     MAX_SEQ,
     RETRYABLE,
     TOO_LARGE,
@@ -199,7 +202,19 @@ def valid(kind: str, value: Any) -> bool:
         return isinstance(value, str)
     if kind == "seq":
         return type(value) is int and 0 <= value <= MAX_SEQ
-    return type(value) in (int, float)  # a number; JSON true/false are not numbers
+    # A number JavaScript holds exactly (it is echoed); JSON true/false are not numbers.
+    if type(value) is int:
+        return abs(value) <= MAX_EXACT_INT
+    return type(value) is float and math.isfinite(value)
+
+
+def depth(value: Any) -> int:
+    """How deep arrays and objects nest in `value` (an object or array alone is 1)."""
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    return 0
 
 
 def has_surrogate(value: Any) -> bool:
@@ -229,6 +244,8 @@ def expected(
     unread, so there they change nothing (beyond the error id: none can be read back)."""
     if size > MAX_BYTES:
         return (TOO_LARGE, None, [])
+    if depth(value) > MAX_NESTING:
+        return (BAD_FRAME, None, ["nests"])
     surrogate = has_surrogate(value)
     if (surrogate and not raw_bytes) or not isinstance(value, dict):
         return (BAD_FRAME, None, [])
@@ -272,6 +289,8 @@ def check_error(frame: ErrorFrame) -> None:
 
 
 def names_a_field(message: str, fields: list[str]) -> bool:
+    if fields == ["nests"]:
+        return f"deeper than {MAX_NESTING}" in message
     return any(f"`{f}`" in message or f"`$.{f}`" in message for f in fields)
 
 
@@ -485,6 +504,221 @@ def test_seq_bound_is_javascripts_largest_exact_integer() -> None:
         got = outcome(json.dumps({"type": "resume", "id": "r", "after": after}))
         assert isinstance(got, ErrorFrame) and (got.code, got.id) == (BAD_FRAME, "r")
         assert "`$.after`" in got.message
+
+
+# ---- (e) by structure: nesting, numbers, escapes and encodings, in every field ----------
+#
+# Frames written as text, piece by piece, where a JSON library would never write them; the
+# model judges the text as Python's strict JSON reader parses it (msgspec and it agree on
+# JSON; where they may not, NaN and Infinity, which JSON lacks, count as malformed).
+
+FRAME_FIELDS: Final = [(t, f) for t, spec in FIELDS.items() for f in [*spec, "extra"]]
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_text_against_model(text: str, as_bytes: bool) -> None:
+    """`text` decodes as the model says of the value Python's JSON reader makes of it."""
+    data: str | bytes = text.encode("utf-8", "surrogatepass") if as_bytes else text
+    size = len(text.encode("utf-8", "surrogatepass"))
+    got = outcome(data)
+    if size <= MAX_BYTES and _nesting_of_text(text) > MAX_NESTING:
+        assert isinstance(got, ErrorFrame), f"accepted {got!r}: nests too deep"
+        assert (got.code, got.id) == (BAD_FRAME, None), got
+        assert names_a_field(got.message, ["nests"]), got.message
+        return
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except ValueError:  # no JSON at all (RecursionError cannot happen: nesting is bounded)
+        want: Any = (TOO_LARGE if size > MAX_BYTES else BAD_FRAME, None, [])
+    else:
+        want = expected(value, size, raw_bytes=False)
+    if isinstance(want, tuple):
+        code, error_id_, fields = want
+        assert isinstance(got, ErrorFrame), f"accepted {got!r}, model says {want}"
+        assert (got.code, got.id) == (code, error_id_), (got, want)
+        if fields:
+            assert names_a_field(got.message, fields), (got.message, fields)
+    else:
+        assert got == want
+
+
+def _nesting_of_text(text: str) -> int:
+    """The model's own count, by a scan with a string state (not the server's regex)."""
+    level = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            level += 1
+            deepest = max(deepest, level)
+        elif char in "]}":
+            level -= 1
+    return deepest
+
+
+def frame_with(frame_type: str, name: str, raw: str) -> str:
+    """A valid frame of `frame_type` whose field `name` is the JSON text `raw`."""
+    base: dict[str, Any] = {
+        "chat": {"id": "r1", "conversation": "c1", "text": "hi", "after": 3},
+        "resume": {"id": "r1", "after": 3},
+        "cancel": {"id": "r1"},
+        "ping": {"t": 5},
+        "pong": {"t": 5},
+    }[frame_type]
+    fields = {"type": json.dumps(frame_type)} | {k: json.dumps(v) for k, v in base.items()}
+    fields[name] = raw
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
+
+
+# Nesting: arrays and objects down to any depth the byte limit allows, closed or not.
+nested = st.builds(
+    lambda openers, leaf, closed: (
+        "".join(openers)
+        + leaf
+        + ("".join("]" if o == "[" else "}" for o in reversed(openers)) if closed else "")
+    ),
+    st.one_of(
+        st.lists(st.sampled_from(["[", '{"k":', '{"":']), max_size=2 * MAX_NESTING),
+        st.integers(MAX_NESTING - 2, MAX_BYTES).flatmap(
+            lambda n: st.sampled_from([["["] * n, ['{"a":'] * (n // 5), ["[", '{"a":'] * (n // 7)])
+        ),
+    ),
+    st.sampled_from(["1", '"x"', "null", "[]", "{}", '"[[[{{{"', '"\\\\"']),
+    st.booleans(),
+)
+
+# Numbers: integers of any length, fractions, exponents far beyond a double's range, signs,
+# and the forms JSON forbids (leading zeros, a bare dot, a plus, an empty exponent).
+digits = st.text("0123456789", min_size=1, max_size=400)
+numbers = st.one_of(
+    st.builds(
+        lambda sign, whole, fraction, exponent: sign + whole + fraction + exponent,
+        st.sampled_from(["", "-"]),
+        st.one_of(st.just("0"), digits.filter(lambda d: d[0] != "0")),
+        st.one_of(st.just(""), digits.map(lambda d: "." + d)),
+        st.one_of(
+            st.just(""),
+            st.builds(
+                lambda e, sign, n: e + sign + str(n),
+                st.sampled_from(["e", "E"]),
+                st.sampled_from(["", "+", "-"]),
+                st.one_of(st.integers(0, 400), st.integers(0, 999_999)),
+            ),
+        ),
+    ),
+    st.sampled_from(
+        [
+            *map(str, [2**53, 2**53 + 1, -(2**53), 2**64, -(2**64), 2**63 - 1]),
+            *["-0", "-0.0", "0e0", "1e999999", "-1e999999", "1e-999999", "4.9e-324", "1.8e308"],
+            *["01", "-01", "1.", ".5", "+1", "1e", "1e+", "--1", "0x10", "NaN", "Infinity", "-"],
+        ]
+    ),
+)
+
+# Escapes: every escape JSON has, \u escapes of any code unit (lone surrogates, pairs and
+# pairs in the wrong order), escapes JSON lacks, and raw control characters.
+HEX4 = st.integers(0, 0xFFFF).map(lambda n: f"\\u{n:04x}")
+string_pieces = st.one_of(
+    st.sampled_from(["\\n", "\\t", '\\"', "\\\\", "\\/", "\\b", "\\f", "\\r"]),
+    HEX4,
+    st.sampled_from(["\\ud83d\\ude00", "\\ude00\\ud83d", "\\ud800", "\\udfff", "\\u0000"]),
+    st.sampled_from(["\\x41", "\\'", "\\u12", "\\U0001f600", "\\a", "\\"]),
+    st.sampled_from(["\x00", "\x01", "\x1f", "\n", "\t", "\x7f", "\u2028", "\ufeff"]),
+    st.text(string.ascii_letters + string.digits + "_-", max_size=6),
+)
+json_strings = st.lists(string_pieces, max_size=8).map(lambda parts: '"' + "".join(parts) + '"')
+
+
+@fuzz(400)
+@given(where=st.sampled_from(FRAME_FIELDS), raw=nested, as_bytes=st.booleans())
+def test_nesting_to_any_depth_matches_the_model(
+    where: tuple[str, str], raw: str, as_bytes: bool
+) -> None:
+    check_text_against_model(frame_with(*where, raw), as_bytes)
+
+
+@fuzz(100)
+@given(raw=nested)
+def test_nesting_alone_matches_the_model(raw: str) -> None:
+    check_text_against_model(raw, False)
+
+
+def test_regression_a_few_thousand_brackets_are_bad_frame_not_recursion_error() -> None:
+    # Found by a hostile client: msgspec raised RecursionError (not DecodeError) while the
+    # id of the refused frame was looked for, and the wire server dropped the connection.
+    for text in ["[" * 1000, '{"a":' * 200, '{"type":"cancel","id":"r1","x":' + "[" * 900]:
+        got = outcome(text)
+        assert isinstance(got, ErrorFrame) and (got.code, got.id) == (BAD_FRAME, None)
+
+
+@fuzz(400)
+@given(where=st.sampled_from(FRAME_FIELDS), raw=numbers, as_bytes=st.booleans())
+def test_numbers_of_any_size_and_form_match_the_model(
+    where: tuple[str, str], raw: str, as_bytes: bool
+) -> None:
+    check_text_against_model(frame_with(*where, raw), as_bytes)
+
+
+@fuzz(400)
+@given(where=st.sampled_from(FRAME_FIELDS), raw=json_strings, as_bytes=st.booleans())
+def test_escapes_and_raw_characters_in_strings_match_the_model(
+    where: tuple[str, str], raw: str, as_bytes: bool
+) -> None:
+    check_text_against_model(frame_with(*where, raw), as_bytes)
+
+
+@fuzz(200)
+@given(
+    frame=client_frames,
+    encoding=st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]),
+)
+def test_frames_in_other_encodings_or_with_a_bom_are_bad_frame(
+    frame: ClientFrame, encoding: str
+) -> None:
+    # A WebSocket text message and a JSON body are UTF-8, without a byte order mark.
+    data = encode(frame).decode().encode(encoding)
+    if len(data) > MAX_BYTES:
+        return
+    got = outcome(data)
+    assert isinstance(got, ErrorFrame) and (got.code, got.id) == (BAD_FRAME, None), got
+    if encoding == "utf-8-sig":  # and a BOM in a str, as a text frame would carry it
+        as_text = outcome("\ufeff" + encode(frame).decode())
+        assert isinstance(as_text, ErrorFrame) and as_text.code == BAD_FRAME
+
+
+@fuzz(200)
+@given(
+    where=st.sampled_from(FRAME_FIELDS),
+    first=st.one_of(numbers, json_strings, st.sampled_from(["null", "true", "[]", '"a b"'])),
+    last=st.one_of(numbers, json_strings, st.sampled_from(['"r2"', "7", '"ok"'])),
+)
+def test_duplicate_keys_each_checked_the_last_counts(
+    where: tuple[str, str], first: str, last: str
+) -> None:
+    frame_type, name = where
+    text = frame_with(frame_type, name, first)[:-1] + f",{json.dumps(name)}:{last}}}"
+    got = outcome(text)
+    # Each occurrence is checked as the field's value; the frame is the one with the last.
+    judged = [_judge(frame_with(frame_type, name, raw)) for raw in (first, last)]
+    if all(not isinstance(j, ErrorFrame) for j in judged):
+        assert got == judged[1]
+    else:
+        assert isinstance(got, ErrorFrame) and got.code in (BAD_FRAME, TOO_LARGE), got
+
+
+def _judge(text: str) -> ClientFrame | ErrorFrame:
+    return outcome(text)
 
 
 # ---- (d) round trips -------------------------------------------------------------------
