@@ -81,6 +81,9 @@ class Runtime:
     chat: ChatService = field(init=False)
     limiter: RateLimiter = field(init=False)
 
+    def __post_init__(self) -> None:
+        self.hub.on_failure = self.metrics.contained_failures.add
+
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         s = self.settings

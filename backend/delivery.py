@@ -19,6 +19,7 @@ connection then costs no task and no timer). The broker subscription is closed o
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -29,12 +30,22 @@ from backend.flush import ticker
 from backend.hub import Hub
 from backend.lean_event import CallbackEvent, LeanEvent
 from backend.outbox import Offer, Outbox
-from backend.protocol import NOT_FOUND, STREAM_EXPIRED, ServerFrame, TokenFrame, error_frame
+from backend.protocol import (
+    INTERNAL,
+    NOT_FOUND,
+    STREAM_EXPIRED,
+    ServerFrame,
+    TokenFrame,
+    error_frame,
+)
 from backend.streams.base import DEFAULT_READ_LIMIT
 
 # Bounds of the watch's period (half a lease): often enough to notice a lost publish or a
 # dead producer soon, rarely enough to cost nothing.
 EXPIRED_MESSAGE = "this answer is no longer available; send the message again"
+FILL_FAILED = "the server failed while sending this answer; resume it"
+
+log = logging.getLogger(__name__)
 MIN_WATCH = 0.1
 MAX_WATCH = 5.0
 
@@ -226,6 +237,18 @@ class Delivery:
                     frame = error_frame(STREAM_EXPIRED, EXPIRED_MESSAGE, stream)
                 self.chat.metrics.resumes_expired += frame.code == STREAM_EXPIRED
                 self.outbox.abandon(stream, frame)
+                self._after_queue()
+        except Exception as exc:
+            # A bug: this stream ends for this client (it may resume), the rest goes on.
+            if not self.stopped:
+                self.chat.metrics.contained_failures.add("delivery")
+                log.error(
+                    "%s: catching up %s failed; ended it with internal",
+                    self.name,
+                    stream,
+                    exc_info=exc,
+                )
+                self.outbox.abandon(stream, error_frame(INTERNAL, FILL_FAILED, stream))
                 self._after_queue()
         finally:
             if self._fills.get(stream) is asyncio.current_task():

@@ -11,7 +11,9 @@ Deliberate choices a reader might want to "fix":
   pinged every `heartbeat` seconds, and one that sent nothing within `timeout` seconds
   after a ping is told `timed_out` (it closes with 4000).
 - The sweeps start with the first client and end when the hub closes (`aclose`, from the
-  app's lifespan); a sweep never awaits a client, so one slow client cannot delay the rest.
+  app's lifespan); a sweep never awaits a client, so one slow client cannot delay the rest,
+  and a client that fails in a sweep is contained (`_failed`): it alone is closed with
+  1011, and the sweep goes on for the others.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 log = logging.getLogger(__name__)
 
 # Producer checks (a storage round trip each) run at most this many at a time per sweep.
 PRODUCER_CHECKS_AT_ONCE: Final = 64
+CLOSE_INTERNAL_ERROR: Final = 1011  # PROTOCOL.md (the hub imports nothing of the protocol)
 
 
 class LiveClient(Protocol):
@@ -65,6 +69,8 @@ class Hub:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._closed = False
+        # Told the place of each failure a sweep contained (the app counts them).
+        self.on_failure: Callable[[str], None] = lambda place: None
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -151,24 +157,44 @@ class Hub:
                 sent = rounds.popleft()
                 for client in list(self.websockets):
                     # One that joined after the round was sent counts as heard from then.
-                    if client.silent_since(sent):
-                        client.timed_out()
+                    try:
+                        if client.silent_since(sent):
+                            client.timed_out()
+                    except Exception as exc:
+                        self._failed(client, "checking its heartbeat", exc)
             if now >= next_ping:
                 t = int(time.time() * 1000)
-                for client in self.websockets:
-                    client.ping(t)
+                for client in list(self.websockets):
+                    try:
+                        client.ping(t)
+                    except Exception as exc:
+                        self._failed(client, "pinging it", exc)
                 rounds.append(now)
                 next_ping = now + interval
+
+    def _failed(self, client: LiveClient, doing: str, exc: Exception) -> None:
+        """A client failed in a sweep: close it alone with 1011, log it once, count it."""
+        self.on_failure("connection")
+        log.error("a connection failed while %s; closing it with 1011", doing, exc_info=exc)
+        try:
+            client.request_close(CLOSE_INTERNAL_ERROR, "internal error; reconnect")
+        except Exception:
+            log.exception("a connection failed while closing after a failure")
 
     async def _watches(self, interval: float, producer_silence: float) -> None:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            checks = [
-                (delivery, stream)
-                for delivery in list(self._deliveries)
-                for stream in delivery.watch(now, interval, producer_silence)
-            ]
+            checks = []
+            for delivery in list(self._deliveries):
+                try:
+                    checks += [
+                        (delivery, s) for s in delivery.watch(now, interval, producer_silence)
+                    ]
+                except Exception:
+                    # Its streams are not re-read this round; the next round tries again.
+                    self.on_failure("delivery")
+                    log.exception("a delivery failed in the watch sweep")
             # Rare (a stream silent for 1.5 leases), concurrent and bounded: a slow storage
             # must not hold up one check behind another.
             for start in range(0, len(checks), PRODUCER_CHECKS_AT_ONCE):

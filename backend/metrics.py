@@ -35,9 +35,9 @@ class Histogram:
 
 
 # Where a failure of the server's own code can be contained (`Metrics.contained_failures`): one
-# client frame, one WebSocket connection's machinery, one HTTP or SSE request, and a task
-# or callback of the event loop that nothing awaited.
-FAILURE_PLACES: Final = ("frame", "connection", "http", "loop")
+# client frame, one WebSocket connection's machinery, one stream's delivery to one client,
+# one HTTP or SSE request, and a task or callback of the event loop that nothing awaited.
+FAILURE_PLACES: Final = ("frame", "connection", "delivery", "http", "loop")
 
 
 @dataclass
@@ -98,8 +98,8 @@ HELP: Final[dict[str, str]] = {
     "provider_errors": "Generations that ended with provider_error",
     "first_token_seconds": "Seconds from a generation's start to its first token",
     "contained_failures": "Exceptions of the server's own code that were contained, by place "
-    "(frame: answered internal; connection: closed 1011; http: answered 500; loop: an "
-    "unawaited task or callback)",
+    "(frame: answered internal; connection: closed 1011; delivery: one stream ended for one "
+    "client with internal; http: answered 500; loop: an unawaited task or callback)",
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from backend.hub import Hub
 from backend.lean_event import LeanEvent
 from tests.harness import wait_for
@@ -161,3 +163,30 @@ async def test_lean_event_behaves_as_an_asyncio_event() -> None:
     await asyncio.sleep(0)
     event.set()
     assert await asyncio.wait_for(later, TIMEOUT) is True
+
+
+class Broken(Client):
+    """A client whose ping raises, as a bug in one connection's machinery would."""
+
+    def ping(self, t: int) -> None:
+        raise RuntimeError("a broken connection")
+
+
+async def test_a_client_failing_in_the_sweep_is_closed_alone_and_the_sweep_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    failures: list[str] = []
+    hub.on_failure = failures.append
+    broken, alive = Broken("a", answers=True), Client("b", answers=True)
+    hub.join_websocket(broken, 0.05, 0.05)
+    hub.join_websocket(alive, 0.05, 0.05)
+    try:
+        # Round after round, the other client is still pinged.
+        await wait_for(lambda: len(alive.pings) >= 3)
+        assert 1011 in broken.close_requests and alive.close_requests == []
+        assert failures and set(failures) == {"connection"}
+        assert len(failures) == broken.close_requests.count(1011)
+        assert "a connection failed while pinging it" in caplog.text
+    finally:
+        await hub.aclose()
