@@ -26,6 +26,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.log_guard import watch
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0  # the most any single wait in a test may take
 
@@ -130,6 +132,7 @@ def _launch(port: int, env: dict[str, str], log_path: Path) -> Server:
             except (ValueError, AttributeError):
                 answered = None  # not even a tokenwire server
             if answered == node:
+                watch(log_path)  # tests/log_guard.py fails a test whose servers logged problems
                 return server
             server.stop(signal.SIGKILL)
             raise PortTaken(f"port {port} answers as {answered!r}, not as {node!r}")

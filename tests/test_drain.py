@@ -113,6 +113,10 @@ async def test_drain_with_nothing_running(tmp_path: Path) -> None:
         assert await asyncio.wait_for(runtime.drain(grace=TIMEOUT), TIMEOUT) == Drained(0, 0)
 
 
+# The force quit skips the app's shutdown; uvicorn then raises the two SIGINTs it captured
+# again, asyncio's handler turns the second into a KeyboardInterrupt, and the lifespan still
+# waiting for its shutdown reports it: "ERROR uvicorn.error: Traceback ... KeyboardInterrupt".
+@pytest.mark.server_log(r"(?m)^KeyboardInterrupt$")
 async def test_a_second_ctrl_c_cuts_the_drain_short(make_server: Callable[..., Server]) -> None:
     # A grace period far longer than the test's patience: only the force quit ends it.
     server = make_server(shutdown_timeout=600, demo_tokens_per_second=5, log_level="info")

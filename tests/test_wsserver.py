@@ -35,6 +35,7 @@ from websockets.typing import Subprotocol
 
 from backend.transports.wsserver import CLOSE_TIMEOUT
 from tests.harness import ROOT, TIMEOUT, free_port
+from tests.log_guard import watch
 from tests.wire_apps import CHUNK, FLOOD_CAP, FLOOD_END
 
 MAX_SIZE: Final = 4096  # the server's --ws-max-size
@@ -115,6 +116,8 @@ def start_wire_server(tmp: Path, attempts: int = 3) -> WireServer:
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
         server = WireServer(proc, port, log_path)
         if _ready(server):
+            # tests/log_guard.py; the exceptions wire_apps.py raises on purpose are expected.
+            watch(log_path, r"(?m)^RuntimeError: (refusing by raising|raising after the accept)$")
             return server
     raise RuntimeError(f"no free port for the wire server after {attempts} attempts")
 
