@@ -6,6 +6,7 @@ frame goes through `decode_client_frame`, so validation has exactly one implemen
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import accumulate
 from typing import Annotated, Any, Final, Literal
@@ -293,6 +294,29 @@ def _nests_too_deep(data: bytes | str) -> bool:
     return brackets > MAX_NESTING and nesting_depth(data) > MAX_NESTING
 
 
+# The key "type" as JSON source, each letter raw or as its \\u escape: a
+# frame that holds it twice may repeat its tag, which msgspec accepts when the values agree.
+_TYPE_KEY: Final = r'"(?:t|\\u0074)(?:y|\\u0079)(?:p|\\u0070)(?:e|\\u0065)"'
+_TYPE_KEY_STR: Final = re.compile(_TYPE_KEY)
+_TYPE_KEY_BYTES: Final = re.compile(_TYPE_KEY.encode())
+
+
+def _repeats_type(data: bytes | str) -> bool:
+    """Whether the top-level object of valid JSON `data` has the key `type` more than once.
+
+    One regex pass over the text; only a frame with two candidates (a `"type"` in a string
+    value, say) is parsed again, by the stdlib with its pairs kept. Its nesting is bounded."""
+    pattern = _TYPE_KEY_STR if isinstance(data, str) else _TYPE_KEY_BYTES
+    candidates = pattern.finditer(data)  # type: ignore[arg-type]
+    if next(candidates, None) is None or next(candidates, None) is None:
+        return False
+    # Numbers are not converted: an unknown field may hold one of any number of digits.
+    pairs: list[tuple[str, Any]] = json.loads(
+        data, object_pairs_hook=list, parse_int=len, parse_float=len
+    )
+    return sum(key == "type" for key, _ in pairs) > 1
+
+
 def decode_client_frame(data: bytes | str, *, max_bytes: int, max_text: int) -> ClientFrame:
     """Validate one client frame, or raise `FrameError` carrying the error frame to send.
 
@@ -300,6 +324,8 @@ def decode_client_frame(data: bytes | str, *, max_bytes: int, max_text: int) -> 
     is bounded by the frame's size: nothing recurses deeper than MAX_NESTING.
     """
     frame: ClientFrame = _decode(_client_decoder, data, max_bytes)
+    if _repeats_type(data):
+        raise FrameError(error_frame(BAD_FRAME, "frame repeats its `type` key", _frame_id(data)))
     if isinstance(frame, ChatFrame):
         _check_text(frame.id, frame.text, max_text)
     return frame

@@ -302,6 +302,20 @@ CASES = [
         '{"type":"cancel","id":"a b","id":"r2"}', bad("`$.id`", "r2"), id="duplicate-key-bad-first"
     ),
     pytest.param('{"type":"cancel","type":"ping","t":1}', bad("`type`"), id="duplicate-type"),
+    pytest.param(
+        '{"type":"cancel","id":"r1","type":"cancel"}', bad("`type`", "r1"), id="same-type-twice"
+    ),
+    pytest.param(
+        '{"t\\u0079p\\u0065":"ping","t":1,"type":"ping"}', bad("`type`"), id="same-type-escaped"
+    ),
+    pytest.param(
+        '{"type":"chat","id":"r1","conversation":"c1","text":"\\"type\\" \\"t\\\\u0079pe\\""}',
+        ChatFrame(id="r1", conversation="c1", text='"type" "t\\u0079pe"'),
+        id="type-in-a-string-twice",
+    ),
+    pytest.param(
+        '{"type":"cancel","id":"r1","TYPE":"x"}', CancelFrame(id="r1"), id="type-in-capitals"
+    ),
 ]
 
 
@@ -332,6 +346,14 @@ def test_decode_client_frame(raw: str, expected: ClientFrame | Refused, as_bytes
         decoded = decode(data)
         assert decoded == expected
         assert type(decoded) is type(expected)
+
+
+def test_a_repeated_type_is_found_around_a_number_of_any_length() -> None:
+    # Python's int() refuses over 4300 digits; an unknown field may hold any number.
+    raw = '{"type":"ping","t":1,"x":' + "9" * 5000 + ',"type":"ping"}'
+    with pytest.raises(FrameError, match="`type`") as caught:
+        decode_client_frame(raw, max_bytes=65536, max_text=MAX_TEXT)
+    assert (caught.value.frame.code, caught.value.frame.id) == ("bad_frame", None)
 
 
 @pytest.mark.parametrize(
