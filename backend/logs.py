@@ -114,6 +114,25 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class ClientFaultFilter(logging.Filter):
+    """Lowers to INFO, without the traceback, what uvicorn logs with `logger.exception` for
+    a client's own fault: invalid UTF-8 in a text message, which it answers with close
+    1007 as RFC 6455 requires. The server is fine; an operator's ERROR alerts stay quiet."""
+
+    MESSAGES: Final = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage() in self.MESSAGES:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = f"{record.getMessage()} Closed with 1007.", None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+_CLIENT_FAULTS: Final = ClientFaultFilter()
+
+
 def _record_context(record: logging.LogRecord) -> Mapping[str, str]:
     found = getattr(record, "context", None)
     return found if isinstance(found, Mapping) else {}
@@ -163,6 +182,7 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
         logger.handlers.clear()
         logger.setLevel(logging.NOTSET)  # the root's level (uvicorn.Config may set its own)
         logger.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # once: the same instance
 
 
 # ---- ASGI middlewares --------------------------------------------------------------------

@@ -191,6 +191,42 @@ def test_setup_routes_uvicorn_and_the_app_through_one_handler(fmt: str) -> None:
         assert lines[0].endswith("INFO uvicorn.access: GET / 200 [request=r9]")
 
 
+@pytest.mark.parametrize(("level", "shown"), [("info", True), ("warning", False)])
+def test_uvicorn_invalid_utf8_from_a_client_is_info_without_a_traceback(
+    level: str, shown: bool
+) -> None:
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    stream = io.StringIO()
+    try:
+        setup(level, "text", stream)
+        uvicorn_error = logging.getLogger("uvicorn.error")
+        try:
+            b"\xff".decode()
+        except UnicodeDecodeError:  # as uvicorn's websockets-sansio path logs it
+            uvicorn_error.exception("Invalid UTF-8 sequence received from client.")
+        try:
+            raise RuntimeError("a real fault")
+        except RuntimeError:
+            uvicorn_error.exception("Exception in ASGI application")
+    finally:
+        for logger, handlers, level_before, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level_before)
+            logger.propagate = propagate
+    text = stream.getvalue()
+    client_lines = [line for line in text.splitlines() if "Invalid UTF-8" in line]
+    assert len(client_lines) == (1 if shown else 0)
+    for line in client_lines:
+        assert line.endswith(
+            " INFO uvicorn.error: Invalid UTF-8 sequence received from client. Closed with 1007."
+        )
+    assert "UnicodeDecodeError" not in text
+    # Any other exception keeps its level and its traceback.
+    assert "ERROR uvicorn.error: Exception in ASGI application" in text
+    assert text.rstrip().endswith("RuntimeError: a real fault")
+
+
 def test_log_format_setting() -> None:
     assert Settings.from_env({}).log_format == "text"
     assert Settings.from_env({"TOKENWIRE_LOG_FORMAT": "JSON"}).log_format == "json"
