@@ -77,10 +77,15 @@ class PortTaken(RuntimeError):
 
 
 PORT_ATTEMPTS = 3
+# A test may serve tokenwire through another module that runs `backend.__main__.main()`
+# after setting something up (tests/faults.py injects faults): this key of a server's
+# environment names it; a restart keeps it.
+SERVER_MODULE = "TEST_SERVER_MODULE"
 
 
-def start_server(tmp: Path, **env: Any) -> Server:
-    """Start `python -m backend` with TOKENWIRE_<KEY>=value for each keyword; wait for it."""
+def start_server(tmp: Path, *, module: str = "backend", **env: Any) -> Server:
+    """Start `python -m backend` (or `module`, see SERVER_MODULE) with TOKENWIRE_<KEY>=value
+    for each keyword; wait for it."""
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
         full_env = {
@@ -89,6 +94,7 @@ def start_server(tmp: Path, **env: Any) -> Server:
             "TOKENWIRE_DB": str(tmp / f"history-{port}.db"),
             "TOKENWIRE_SECRET": "test-secret-0123456789abcdef",
             "TOKENWIRE_LOG_LEVEL": "warning",
+            SERVER_MODULE: module,
         }
         full_env.update({f"TOKENWIRE_{k.upper()}": str(v) for k, v in env.items()})
         try:
@@ -108,9 +114,10 @@ def restart(old: Server) -> Server:
 
 
 def _launch(port: int, env: dict[str, str], log_path: Path) -> Server:
+    module = env.get(SERVER_MODULE, "backend")
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backend"], cwd=ROOT, env=env, stdout=out, stderr=out
+            [sys.executable, "-m", module], cwd=ROOT, env=env, stdout=out, stderr=out
         )
     server = Server(proc, port, env, log_path)
     # The node's default name (backend/settings.py): a server answering with another name
