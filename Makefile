@@ -66,8 +66,8 @@ system-deps:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check backend tests e2e bench
-	$(VENV)/bin/ruff format --check backend tests e2e bench
+	$(VENV)/bin/ruff check backend tests e2e bench harness
+	$(VENV)/bin/ruff format --check backend tests e2e bench harness
 	$(VENV)/bin/mypy
 
 pytest: venv

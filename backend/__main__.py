@@ -23,9 +23,9 @@ import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from backend.app import Runtime, create_app
-from backend.logs import setup as setup_logging
 from backend.settings import Settings, SettingsError
 from backend.transports.wsserver import WireProtocol
+from backend.web.logs import setup as setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # uvicorn's loggers (its access log too) go through `backend.logs`' handler.
+        # uvicorn's loggers (its access log too) go through `backend.web.logs`' handler.
         log_config=None,
         # Either is left open by `TokenwireServer.shutdown` for the drain to close with 1001.
         ws=WireProtocol if settings.websocket_server == "wire" else "websockets-sansio",

@@ -21,33 +21,23 @@ from litestar.datastructures import CacheControlHeader, State
 from litestar.exceptions import HTTPException
 from litestar.static_files import create_static_files_router
 
-from backend.assets import NODE_MODULES, VendorFiles, pyscript_config_route, vendor_file
-from backend.broker import Broker, MemoryBroker
-from backend.broker.redis import RedisBroker
-from backend.chat import ChatError, ChatService, Drained
-from backend.history import SqliteHistory
-from backend.history.base import History
-from backend.history.redis import RedisHistory
-from backend.hub import Hub
-from backend.idempotency import MemoryRequestRegistry, RequestRegistry
-from backend.idempotency_redis import RedisRequestRegistry
-from backend.leases import Leases, MemoryLeases, RedisLeases
-from backend.logs import request_id_middleware, user_context_middleware
-from backend.metrics import Metrics, Sample, process_samples, render
+from backend.chat.service import ChatError, ChatService, Drained
+from backend.delivery.hub import Hub
 from backend.protocol import FrameError
 from backend.providers import ClockProvider, DemoProvider, OpenAIProvider
 from backend.providers.base import Provider
-from backend.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, TokenQuota
-from backend.security import (
-    BearerTokens,
-    Identity,
-    identity_middleware,
-    origin_middleware,
-    security_headers_middleware,
-)
 from backend.settings import Settings
-from backend.streams import MemoryStreamLog, StreamLog
-from backend.streams.redis import RedisStreamLog
+from backend.storage.broker import Broker, MemoryBroker
+from backend.storage.broker.redis import RedisBroker
+from backend.storage.history import SqliteHistory
+from backend.storage.history.base import History
+from backend.storage.history.redis import RedisHistory
+from backend.storage.leases import Leases, MemoryLeases, RedisLeases
+from backend.storage.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter, TokenQuota
+from backend.storage.request_ids import MemoryRequestRegistry, RequestRegistry
+from backend.storage.request_ids.redis import RedisRequestRegistry
+from backend.storage.streams import MemoryStreamLog, StreamLog
+from backend.storage.streams.redis import RedisStreamLog
 from backend.transports.http import (
     ApiError,
     cancel_stream,
@@ -62,6 +52,16 @@ from backend.transports.http import (
 )
 from backend.transports.sse import stream_events
 from backend.transports.websocket import ws_endpoint
+from backend.web.assets import NODE_MODULES, VendorFiles, pyscript_config_route, vendor_file
+from backend.web.logs import request_id_middleware, user_context_middleware
+from backend.web.metrics import Metrics, Sample, process_samples, render
+from backend.web.security import (
+    BearerTokens,
+    Identity,
+    identity_middleware,
+    origin_middleware,
+    security_headers_middleware,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A bad value stops the server with a message that names the variable and the fix, before
 anything listens. The README's configuration table lists the same variables: keep them in
-step (tests/test_settings.py checks that every variable here is documented there).
+step (tests/unit/test_settings.py checks that every variable here is documented there).
 """
 
 from __future__ import annotations

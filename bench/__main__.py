@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         text += "\n" + "\n".join(f"## {n}: FAILED (see the traceback on stderr)" for n in failed)
     (config.out / "results.md").write_text(text)
-    # The same numbers for programs (tests/test_bench.py reads them): every sample kept.
+    # The same numbers for programs (tests/unit/test_bench.py reads them): every sample kept.
     record = {
         "smoke": config.smoke,
         "failed": failed,

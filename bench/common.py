@@ -353,8 +353,8 @@ def serve_peer(
     """Start peer `name` on a free port with the demo (or clock) provider at the given pace,
     pinned to `server_cpus()`; stop it (and any Redis it needed) on exit. `tokenwire_env`:
     more TOKENWIRE_* settings for tokenwire."""
-    from tests.harness import start_server
-    from tests.redis_server import start_redis
+    from harness.redis_server import start_redis
+    from harness.server import start_server
 
     stack = ExitStack()
     with stack:

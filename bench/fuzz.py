@@ -4,7 +4,7 @@ requests to the HTTP API, while normal clients stream chats.
 `python -m bench.fuzz [--frames 100000] [--seconds 60] [--websocket-server wire|uvicorn]
 [--rounds 2] [--redis]` starts its own server (loopback, a free port; with `--redis` on a
 redis-server it starts too) and prints what it tried and what it found; it exits 1 if
-anything failed. `tests/test_fuzz_live.py` runs the same fuzz at CI scale over both
+anything failed. `tests/integration/test_fuzz_live.py` runs the same fuzz at CI scale over both
 WebSocket servers. Everything is bounded: a number of frames and requests, and a deadline
 in seconds, whichever comes first.
 
@@ -103,8 +103,8 @@ from bench.fuzz_json import (
     utf8_size,
     wide,
 )
-from tests.harness import TIMEOUT, Client, Server, StreamView, start_server
-from tests.redis_server import start_redis
+from harness.redis_server import start_redis
+from harness.server import TIMEOUT, Client, Server, StreamView, start_server
 
 PROTOCOL_CODES: Final = frozenset(RETRYABLE)
 # The server under fuzz: small limits so oversized frames are cheap to make, fast demo

@@ -237,8 +237,8 @@ def multi(
 ) -> tuple[float, float] | None:
     """`total` (100k) tokenwire connections over MULTI_SERVERS processes and one Redis;
     None if they could not be opened in time (noted in the figure)."""
-    from tests.harness import start_server
-    from tests.redis_server import start_redis
+    from harness.redis_server import start_redis
+    from harness.server import start_server
 
     window = heartbeat  # one sweep: a longer window would make the run long
     with ExitStack() as stack:

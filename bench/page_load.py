@@ -22,7 +22,7 @@ from playwright.sync_api import BrowserContext, Request, sync_playwright
 
 from bench.common import RESULTS, Config, Figure, bar_plot, progress
 from e2e.conftest import CHROMIUM, CHROMIUM_ARGS
-from tests.harness import start_server
+from harness.server import start_server
 
 TITLE: Final = "Page load: time to a usable chat input and bytes, per browser runtime"
 RUNTIMES: Final = (("MicroPython", ""), ("Pyodide", "?runtime=pyodide"))

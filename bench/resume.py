@@ -1,4 +1,4 @@
-"""Figure 4: resume under random connection cuts. Resuming clients (tests/chaos.py: the
+"""Figure 4: resume under random connection cuts. Resuming clients (harness/chaos.py: the
 browser's client rules, every frame audited) keep many streams going while a TCP proxy in
 front of the server cuts their connections at random: FIN or RST, half of them in the
 middle of a frame (e2e/proxy.py `start_chaos`). Measured:
@@ -38,11 +38,11 @@ from bench.common import (
     serve_peer,
 )
 from e2e.proxy import TcpProxy
-from tests.chaos import Tally, run_streams
+from harness.chaos import Tally, run_streams
 
 TITLE: Final = "Resume under random connection cuts"
 PEERS: Final = (TOKENWIRE, TOKENWIRE_REDIS)
-LOST: Final = "lost tokens"  # tests/test_bench.py checks these two rows are all zero
+LOST: Final = "lost tokens"  # tests/unit/test_bench.py checks these two rows are all zero
 DUPLICATED: Final = "duplicated tokens"
 
 

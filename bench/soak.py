@@ -5,11 +5,11 @@ was not exactly the provider's text or the server did not return to its baseline
 
     python -m bench.soak [--seconds 60] [--streams 300] [--redis] [--rounds 1]
 
-The clients and their audit are tests/chaos.py; the cuts are e2e/proxy.py `start_chaos`
+The clients and their audit are harness/chaos.py; the cuts are e2e/proxy.py `start_chaos`
 (FIN or RST, half of them in the middle of a frame). Loopback only, bounded in time and
 count. With `--redis`, two nodes share a Redis and each client reconnects to the other
 node after every cut. Not part of `python -m bench` (a minute or more); the short
-version runs in the test suite (tests/test_soak.py).
+version runs in the test suite (tests/integration/test_soak.py).
 
 Memory: server RSS before the clients came, its peak, after they left (and the gauges
 were back), and after the stream logs' TTL passed and one new chat swept them (logs of
@@ -36,9 +36,9 @@ from typing import Final
 
 from bench.common import UNLIMITED, Usage, fmt
 from e2e.proxy import TcpProxy
-from tests.chaos import Tally, gauges, run_streams, warm_up
-from tests.harness import Client, Server, start_chat, start_server
-from tests.redis_server import start_redis
+from harness.chaos import Tally, gauges, run_streams, warm_up
+from harness.redis_server import start_redis
+from harness.server import Client, Server, start_chat, start_server
 
 MAX_SECONDS: Final = 600.0
 MAX_STREAMS: Final = 2000

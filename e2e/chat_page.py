@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import httpx
 from playwright.sync_api import Locator, Page, expect
 
-from tests.harness import Server
+from harness.server import Server
 
 LOAD_TIMEOUT = 30_000  # ms: Pyodide's first load on a busy 2-core machine
 STREAM_TIMEOUT = 30_000

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page
 
-from tests.harness import Server, server_factory
+from harness.server import Server, server_factory
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

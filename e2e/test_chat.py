@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect
 
 from backend.providers import demo_reply
 from e2e.chat_page import ChatPage, shown_text
-from tests.harness import Server
+from harness.server import Server
 
 RUNTIMES = ["micropython", "pyodide"]
 

@@ -24,9 +24,9 @@ from playwright.sync_api import Page, expect
 from backend.providers import demo_reply
 from e2e.chat_page import ChatPage, shown_text
 from e2e.conftest import E2E_DEMO
-from tests.balancer import Balancer
-from tests.harness import Server, start_server
-from tests.redis_server import start_redis
+from harness.redis_server import start_redis
+from harness.server import Server, start_server
+from tests.support.balancer import Balancer
 
 CLUSTER = {**E2E_DEMO, "heartbeat": 1, "heartbeat_timeout": 1, "lease_seconds": 1}
 

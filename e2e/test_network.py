@@ -20,7 +20,7 @@ from backend.providers import demo_reply
 from e2e.chat_page import ChatPage, shown_text
 from e2e.conftest import E2E_DEMO
 from e2e.proxy import TcpProxy
-from tests.harness import Server, restart, start_server
+from harness.server import Server, restart, start_server
 
 FAST_HEARTBEAT = {"heartbeat": 1, "heartbeat_timeout": 1}
 # How long each outage lasts (a scenario parameter, not a wait for something): longer than

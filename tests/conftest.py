@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_openai import upstream  # noqa: F401  (a fixture, shared by several modules)
-from tests.harness import Server, server_factory
+from harness.server import Server, server_factory
+from tests.support.fake_openai import upstream  # noqa: F401  (a fixture, shared by several modules)
 
 # A stream of the default demo answer lasts about a second and a half at this pace.
 FAST_DEMO = {"demo_first_token_delay": 0.05, "demo_tokens_per_second": 200}
@@ -28,4 +28,4 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 # A real redis-server for the Redis backends: `redis_url` (one per session), `redis_clean`
 # (the same, emptied before the test) and `own_redis` (a server the test may restart).
-from tests.redis_server import own_redis, redis_clean, redis_server, redis_url  # noqa: E402, F401
+from harness.redis_server import own_redis, redis_clean, redis_server, redis_url  # noqa: E402, F401

@@ -16,9 +16,8 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from backend.chat import STORAGE_ERRORS, ChatError
-from backend.hub import Hub
-from backend.logs import bind
+from backend.chat.service import STORAGE_ERRORS, ChatError
+from backend.delivery.hub import Hub
 from backend.protocol import (
     BAD_FRAME,
     HTTP_STATUS,
@@ -34,7 +33,8 @@ from backend.protocol import (
     encode,
     error_frame,
 )
-from backend.ratelimit import retry_after_rounded
+from backend.storage.ratelimit import retry_after_rounded
+from backend.web.logs import bind
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send

@@ -24,8 +24,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
-from backend.chat import ChatError
-from backend.delivery import Delivery
+from backend.chat.service import ChatError
+from backend.delivery.feed import Delivery
 from backend.protocol import (
     BAD_FRAME,
     INTERNAL,

@@ -6,7 +6,7 @@ Two shells around one `Connection`, chosen by the server the app runs in:
   what `python -m backend` serves with): once accepted, the connection detaches from the
   ASGI call and has no task at all while idle. The protocol calls it for each message;
   frames the delivery queues are written straight to the transport as they are queued
-  (on the process's flush tick under load, `backend.flush`). A frame that needs
+  (on the process's flush tick under load, `backend.delivery.flush`). A frame that needs
   to wait (a chat's acceptance, a cancel) runs in a task of its own, and the frames after
   it wait their turn, so frames are handled in order.
 - `TaskConnection`, under any other ASGI server: it receives in the task the server runs
@@ -43,9 +43,8 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.types import WebSocketSendEvent
 
-from backend.chat import ChatError
-from backend.delivery import Delivery
-from backend.logs import bind
+from backend.chat.service import ChatError
+from backend.delivery.feed import Delivery
 from backend.protocol import (
     BAD_FRAME,
     CLOSE_GOING_AWAY,
@@ -69,9 +68,10 @@ from backend.protocol import (
     error_frame,
     frame_type,
 )
-from backend.security import origin_allowed
 from backend.transports.http import connect_refusal
 from backend.transports.wsserver import DETACH, Wire
+from backend.web.logs import bind
+from backend.web.security import origin_allowed
 
 if TYPE_CHECKING:
     from backend.app import Runtime
@@ -293,7 +293,7 @@ class WireConnection(Connection):
     def _flush(self) -> None:
         """Write what the delivery queued, at once: the delivery calls this when frames
         wait (once, until they are taken), so tokens are joined only by the process's flush
-        tick under load (`backend.flush`), and nothing waits for another loop round.
+        tick under load (`backend.delivery.flush`), and nothing waits for another loop round.
 
         Contained here, not by the caller: it runs in whatever queued the frame (a broker
         event of a generation, another connection's frame), which must not fail with it."""

@@ -1,7 +1,8 @@
 """RFC 6455 on the server side, without I/O: the opening handshake's answer, a reader of the
 client's frames, and the server's frames as bytes. `backend.transports.wsserver` moves these
 bytes; this module only computes them, so every rule here is tested with plain bytes
-(tests/test_wsframes.py, against the `websockets` library's own client as the reference).
+(tests/unit/transports/test_wsframes.py, against the `websockets` library's own client as
+the reference).
 
 What the server speaks, deliberately small:
 

@@ -1,0 +1,1 @@
+"""Chats: accepting a `chat`, running its generation, replay, resume and cancel."""

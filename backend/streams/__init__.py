@@ -1,4 +1,0 @@
-from backend.streams.base import StreamExpired, StreamFull, StreamLog, StreamSlice
-from backend.streams.memory import MemoryStreamLog
-
-__all__ = ["MemoryStreamLog", "StreamExpired", "StreamFull", "StreamLog", "StreamSlice"]

@@ -1,0 +1,1 @@
+"""Contract suites: each storage part's contract, run over every backend."""

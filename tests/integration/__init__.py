@@ -1,0 +1,1 @@
+"""Integration tests: real server processes, real clients, real redis-server."""

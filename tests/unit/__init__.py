@@ -1,0 +1,1 @@
+"""Unit tests: pure cores and single parts, mirroring the code tree."""
