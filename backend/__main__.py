@@ -22,7 +22,8 @@ from typing import Final
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from backend.app import Runtime, create_app
+from backend.app import create_app
+from backend.runtime import Runtime
 from backend.settings import Settings, SettingsError
 from backend.transports.wsserver import WireProtocol
 from backend.web.logs import setup as setup_logging

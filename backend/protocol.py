@@ -221,8 +221,11 @@ class ChatTurn(msgspec.Struct, frozen=True):
 # ---- codec -------------------------------------------------------------------------------
 
 
-class FrameError(Exception):
-    """A client frame that cannot be accepted; `frame` is the error to send back."""
+class ProtocolError(Exception):
+    """The one error type for whatever cannot be served: a client frame, an HTTP request,
+    a chat. `frame` is the error to send back (its `code` is one of docs/PROTOCOL.md's);
+    a WebSocket sends it as an `error` frame, HTTP and SSE as the JSON error body with the
+    status `HTTP_STATUS` gives."""
 
     def __init__(self, frame: ErrorFrame) -> None:
         super().__init__(frame.message)
@@ -318,14 +321,14 @@ def _repeats_type(data: bytes | str) -> bool:
 
 
 def decode_client_frame(data: bytes | str, *, max_bytes: int, max_text: int) -> ClientFrame:
-    """Validate one client frame, or raise `FrameError` carrying the error frame to send.
+    """Validate one client frame, or raise `ProtocolError` carrying the error frame to send.
 
     The messages name the offending field but never echo the client's data back. The work
     is bounded by the frame's size: nothing recurses deeper than MAX_NESTING.
     """
     frame: ClientFrame = _decode(_client_decoder, data, max_bytes)
     if _repeats_type(data):
-        raise FrameError(error_frame(BAD_FRAME, "frame repeats its `type` key", _frame_id(data)))
+        raise ProtocolError(error_frame(BAD_FRAME, "frame repeats its `type` key", _frame_id(data)))
     if isinstance(frame, ChatFrame):
         _check_text(frame.id, frame.text, max_text)
     return frame
@@ -346,30 +349,30 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, max_bytes: in
     else:
         size = len(data)
     if size > max_bytes:
-        raise FrameError(
+        raise ProtocolError(
             error_frame(TOO_LARGE, f"frame is larger than the limit of {max_bytes} bytes")
         )
     if _nests_too_deep(data):
         # Before any decoder runs: msgspec recurses per level and would raise RecursionError.
-        raise FrameError(
+        raise ProtocolError(
             error_frame(BAD_FRAME, f"frame nests arrays or objects deeper than {MAX_NESTING}")
         )
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise FrameError(error_frame(BAD_FRAME, _describe(exc), _frame_id(data))) from None
+        raise ProtocolError(error_frame(BAD_FRAME, _describe(exc), _frame_id(data))) from None
     except msgspec.DecodeError as exc:
         # msgspec's messages say what is wrong and where, never with the data itself.
-        raise FrameError(error_frame(BAD_FRAME, f"frame is not a JSON object: {exc}")) from None
+        raise ProtocolError(error_frame(BAD_FRAME, f"frame is not a JSON object: {exc}")) from None
     except UnicodeError:
         # msgspec raises these, not DecodeError, for a string that is not UTF-8: bytes that
         # do not decode (an HTTP body can hold any), or a str with a lone surrogate.
-        raise FrameError(error_frame(BAD_FRAME, "frame is not UTF-8 text")) from None
+        raise ProtocolError(error_frame(BAD_FRAME, "frame is not UTF-8 text")) from None
 
 
 def _check_text(id: str, text: str, max_text: int) -> None:
     if len(text) > max_text:
-        raise FrameError(
+        raise ProtocolError(
             error_frame(TOO_LARGE, f"`text` is longer than the limit of {max_text} characters", id)
         )
 

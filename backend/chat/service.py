@@ -31,6 +31,7 @@ from backend.protocol import (
     DoneReason,
     ErrorFrame,
     MessageFrame,
+    ProtocolError,
     StreamEnd,
     TokenFrame,
     error_frame,
@@ -66,14 +67,6 @@ QUOTA_CHARGE_INTERVAL: Final = 1.0
 
 def _unavailable(id: str | None) -> ErrorFrame:
     return error_frame(OVERLOADED, "storage is unavailable for a moment; retry", id)
-
-
-class ChatError(Exception):
-    """A request that cannot be served; `frame` is the error for the client."""
-
-    def __init__(self, frame: ErrorFrame) -> None:
-        super().__init__(frame.message)
-        self.frame = frame
 
 
 @dataclass(frozen=True)
@@ -190,10 +183,12 @@ class ChatService:
         self, user: str, id: str, conversation: str, text: str, origin: str
     ) -> Accepted:
         """Accept a chat: a new id generates; a repeat is `Accepted(new=False)` to replay;
-        the same id with other content raises `ChatError(conflict)`. The acceptance runs to
+        the same id with other content raises `ProtocolError(conflict)`. The acceptance runs to
         its end even if the caller is cancelled (its client left meanwhile)."""
         if self._closing:
-            raise ChatError(error_frame(SHUTTING_DOWN, "the server is shutting down; retry", id))
+            raise ProtocolError(
+                error_frame(SHUTTING_DOWN, "the server is shutting down; retry", id)
+            )
         # A task of the service's own, shielded from the caller: cut between claiming the id
         # and starting the generation, the id would stay claimed with nothing generating it,
         # and the client's repeat of the same chat would replay a stream that never comes.
@@ -214,7 +209,7 @@ class ChatService:
             return await self._start(user, id, conversation, text, origin)
         except STORAGE_ERRORS:
             log.warning("storage unavailable while starting %s", id, exc_info=True)
-            raise ChatError(_unavailable(id)) from None
+            raise ProtocolError(_unavailable(id)) from None
 
     async def _start(
         self, user: str, id: str, conversation: str, text: str, origin: str
@@ -236,7 +231,7 @@ class ChatService:
             await self.log.create(key)
         claim = await self.registry.claim(user, id, fingerprint(conversation, text))
         if claim is Claim.CONFLICT:
-            raise ChatError(_conflict(id))
+            raise ProtocolError(_conflict(id))
         if claim is Claim.SAME:
             return Accepted(id, conversation, new=False)
         if not fresh:
@@ -246,7 +241,7 @@ class ChatService:
             stored = await self.history.get_user_message(user, id)
             await self.log.finish(key, _expired(id), self.stream_ttl)
             if stored is None or stored.conversation != conversation or stored.text != text:
-                raise ChatError(_conflict(id))
+                raise ProtocolError(_conflict(id))
             return Accepted(id, conversation, new=False)
         await self.leases.acquire(key, self.node, self.lease_ttl)
         gen = _Generation(user=user, id=id, conversation=conversation)
@@ -263,9 +258,9 @@ class ChatService:
         )
         return Accepted(id, conversation, new=True)
 
-    def _rate_limited(self, id: str, why: str, wait: float) -> ChatError:
+    def _rate_limited(self, id: str, why: str, wait: float) -> ProtocolError:
         self.metrics.rate_limited += 1
-        return ChatError(
+        return ProtocolError(
             error_frame(
                 RATE_LIMITED,
                 f"{why}; retry after `retry_after` seconds",
@@ -275,7 +270,7 @@ class ChatService:
         )
 
     async def read_after(self, user: str, id: str, after: int, limit: int) -> StreamSlice:
-        """Tokens of the user's stream `id` after `after`; `ChatError` with `not_found` for
+        """Tokens of the user's stream `id` after `after`; `ProtocolError` with `not_found` for
         an id this user never used, `stream_expired` for one whose log is gone."""
         try:
             try:
@@ -285,10 +280,10 @@ class ChatService:
                     # The client was shown tokens of it, so it existed for this user (ids
                     # are per user: this reveals nothing of anyone else's); its log and
                     # records are gone, e.g. with a Redis that restarted empty.
-                    raise ChatError(_expired(id)) from None
-                raise ChatError(await self._missing(user, id)) from None
+                    raise ProtocolError(_expired(id)) from None
+                raise ProtocolError(await self._missing(user, id)) from None
         except STORAGE_ERRORS:
-            raise ChatError(_unavailable(id)) from None
+            raise ProtocolError(_unavailable(id)) from None
 
     async def cancel(self, user: str, id: str) -> None:
         """Stop the generation of the user's stream `id`, on whichever node runs it; it ends
@@ -304,8 +299,8 @@ class ChatService:
             if await self.registry.known(user, id) or await self.history.get_user_message(user, id):
                 return
         except STORAGE_ERRORS:
-            raise ChatError(_unavailable(id)) from None
-        raise ChatError(error_frame(NOT_FOUND, "no such stream", id))
+            raise ProtocolError(_unavailable(id)) from None
+        raise ProtocolError(error_frame(NOT_FOUND, "no such stream", id))
 
     def _cancel_local(self, key: str) -> bool:
         gen = self._running.get(key)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from backend.chat.service import ChatError, ChatService
+from backend.chat.service import ChatService
 from backend.delivery.flush import ticker
 from backend.delivery.hub import Hub
 from backend.delivery.lean_event import CallbackEvent, LeanEvent
@@ -33,6 +33,7 @@ from backend.protocol import (
     INTERNAL,
     NOT_FOUND,
     STREAM_EXPIRED,
+    ProtocolError,
     ServerFrame,
     TokenFrame,
     error_frame,
@@ -234,7 +235,7 @@ class Delivery:
                 if caught_up and self.outbox.finish_fill(stream):
                     self.chat.metrics.resumes_recovered += start > 0
                     return
-        except ChatError as exc:
+        except ProtocolError as exc:
             # Retryable (storage down for a moment): the watch reads again later.
             if not self.stopped and not exc.frame.retryable:
                 frame = exc.frame

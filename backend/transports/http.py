@@ -1,7 +1,7 @@
 """The HTTP API: start and cancel chats, read history, health. Routes only.
 
 Errors leave as JSON with the body of an `error` frame and the status of its code
-(`protocol.HTTP_STATUS`), from our own `ApiError` and from Litestar's exceptions alike, so
+(`protocol.HTTP_STATUS`), from our own `ProtocolError` and from Litestar's exceptions alike, so
 a script handles one shape. Exception text never reaches a client.
 """
 
@@ -16,7 +16,7 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
-from backend.chat.service import STORAGE_ERRORS, ChatError
+from backend.chat.service import STORAGE_ERRORS
 from backend.delivery.hub import Hub
 from backend.protocol import (
     BAD_FRAME,
@@ -28,28 +28,22 @@ from backend.protocol import (
     TOO_LARGE,
     UNAUTHORIZED,
     ErrorFrame,
-    FrameError,
+    ProtocolError,
     decode_chat_request,
     encode,
     error_frame,
 )
+from backend.runtime import Runtime
 from backend.storage.ratelimit import retry_after_rounded
 from backend.web.logs import bind
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
-    from backend.app import Runtime
 
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
-
-
-class ApiError(Exception):
-    def __init__(self, frame: ErrorFrame) -> None:
-        super().__init__(frame.message)
-        self.frame = frame
 
 
 def error_response(frame: ErrorFrame, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -65,8 +59,8 @@ def error_response(frame: ErrorFrame, headers: dict[str, str] | None = None) -> 
 
 
 def handle_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    frame = exc.frame if isinstance(exc, ApiError | ChatError | FrameError) else None
-    assert frame is not None  # registered only for the three types above
+    frame = exc.frame if isinstance(exc, ProtocolError) else None
+    assert frame is not None  # registered only for ProtocolError
     return error_response(frame)
 
 
@@ -145,7 +139,7 @@ async def connect_refusal(runtime: Runtime, scope: Scope) -> ErrorFrame | None:
 
 def checked_id(value: str, field: str = "id") -> str:
     if not _ID_RE.fullmatch(value):
-        raise ApiError(
+        raise ProtocolError(
             error_frame(BAD_FRAME, f"`{field}` must be 1 to 64 characters of [A-Za-z0-9_-]")
         )
     return value
@@ -161,12 +155,12 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     Content-Length before reading anything, or while reading a chunked one."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise ApiError(_too_large(limit))
+        raise ProtocolError(_too_large(limit))
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(_too_large(limit))
+            raise ProtocolError(_too_large(limit))
     return bytes(body)
 
 
@@ -223,7 +217,7 @@ async def get_conversation(
     summary = await history.conversation(user, checked_id(conversation, "conversation"))
     messages = await history.messages(user, conversation)
     if summary is None or messages is None:
-        raise ApiError(error_frame(NOT_FOUND, "no such conversation"))
+        raise ProtocolError(error_frame(NOT_FOUND, "no such conversation"))
     return {"conversation": conversation, "title": summary.title, "messages": messages}
 
 

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from litestar import Request, get
 from litestar.datastructures import State
@@ -24,7 +24,6 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 
-from backend.chat.service import ChatError
 from backend.delivery.feed import Delivery
 from backend.protocol import (
     BAD_FRAME,
@@ -32,16 +31,15 @@ from backend.protocol import (
     MAX_SEQ,
     DoneFrame,
     ErrorFrame,
+    ProtocolError,
     ServerFrame,
     TokenFrame,
     encode_text,
     error_frame,
     frame_type,
 )
-from backend.transports.http import ApiError, checked_id, connect_refusal, user_of
-
-if TYPE_CHECKING:
-    from backend.app import Runtime
+from backend.runtime import Runtime
+from backend.transports.http import checked_id, connect_refusal, user_of
 
 log = logging.getLogger(__name__)
 _session_ids = itertools.count(1)
@@ -59,7 +57,7 @@ def _after(request: Request[Any, Any, Any]) -> int:
         # isascii: str.isdigit() also admits digits int() refuses, such as "²". The length
         # check keeps int() from parsing a huge number before it is compared.
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 16 or int(raw) > MAX_SEQ:
-            raise ApiError(
+            raise ProtocolError(
                 error_frame(BAD_FRAME, f"`{field}` must be a seq: an integer from 0 to {MAX_SEQ}")
             )
         return int(raw)
@@ -126,14 +124,14 @@ async def stream_events(request: Request[Any, Any, Any], state: State, stream_id
     refusal = await connect_refusal(runtime, request.scope)
     if refusal is not None:
         runtime.metrics.connections_refused += 1
-        raise ApiError(refusal)
+        raise ProtocolError(refusal)
     user = user_of(request)
     after = _after(request)
     try:
         # Refuse an unknown or expired stream with a status, before the stream starts.
         await runtime.chat.read_after(user, checked_id(stream_id), after, 0)
-    except ChatError as exc:
-        raise ApiError(exc.frame) from None
+    except ProtocolError as exc:
+        raise ProtocolError(exc.frame) from None
     session = SseSession(runtime, user, stream_id)
     s = runtime.settings
     response = EventSourceResponse(

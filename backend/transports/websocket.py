@@ -37,13 +37,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.types import WebSocketSendEvent
 
-from backend.chat.service import ChatError
 from backend.delivery.feed import Delivery
 from backend.protocol import (
     BAD_FRAME,
@@ -57,10 +56,10 @@ from backend.protocol import (
     CancelFrame,
     ChatFrame,
     ClientFrame,
-    FrameError,
     HelloFrame,
     PingFrame,
     PongFrame,
+    ProtocolError,
     ResumeFrame,
     decode_client_frame,
     encode,
@@ -68,13 +67,11 @@ from backend.protocol import (
     error_frame,
     frame_type,
 )
+from backend.runtime import Runtime
 from backend.transports.http import connect_refusal
 from backend.transports.wsserver import DETACH, Wire
 from backend.web.logs import bind
 from backend.web.security import origin_allowed
-
-if TYPE_CHECKING:
-    from backend.app import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +167,7 @@ class Connection(abc.ABC):
                 max_bytes=self.settings.max_frame_bytes,
                 max_text=self.settings.max_text_chars,
             )
-        except FrameError as exc:
+        except ProtocolError as exc:
             self.delivery.push(exc.frame)
             return None
         bind(stream=getattr(frame, "id", None))  # log lines (and a generation's) name it
@@ -230,7 +227,7 @@ class Connection(abc.ABC):
             accepted = await self.chat.start(
                 self.user, frame.id, frame.conversation, frame.text, origin=self.name
             )
-        except ChatError as exc:
+        except ProtocolError as exc:
             self.delivery.push(exc.frame)
             return
         if not accepted.new:
@@ -245,7 +242,7 @@ class Connection(abc.ABC):
     async def _cancel(self, frame: CancelFrame) -> None:
         try:
             await self.chat.cancel(self.user, frame.id)
-        except ChatError as exc:
+        except ProtocolError as exc:
             self.delivery.push(exc.frame)
 
 

@@ -22,8 +22,7 @@ from typing import Any, Final
 from litestar import MediaType, Request, Response, get
 from litestar.datastructures import State
 
-from backend.protocol import NOT_FOUND, error_frame
-from backend.transports.http import ApiError
+from backend.protocol import NOT_FOUND, ProtocolError, error_frame
 
 FRONTEND: Final = Path(__file__).resolve().parents[2] / "frontend"
 NODE_MODULES: Final = FRONTEND / "node_modules"
@@ -59,10 +58,10 @@ class VendorFiles:
     def resolve(self, package: str, path: str) -> Path:
         root = VENDOR_ROOTS.get(package)
         if root is None:
-            raise ApiError(error_frame(NOT_FOUND, "no such file"))
+            raise ProtocolError(error_frame(NOT_FOUND, "no such file"))
         target = (root / path).resolve()
         if not target.is_relative_to(root.resolve()) or not target.is_file():
-            raise ApiError(error_frame(NOT_FOUND, "no such file"))
+            raise ProtocolError(error_frame(NOT_FOUND, "no such file"))
         return target
 
     async def gzipped(self, path: Path) -> _Compressed:

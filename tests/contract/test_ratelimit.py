@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from backend.app import Runtime
-from backend.chat.service import ChatError
+from backend.protocol import ProtocolError
 from backend.providers import demo_tokens
+from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.storage.ratelimit import (
     Bucket,
@@ -402,7 +402,7 @@ async def test_a_running_answer_counts_against_the_quota_before_it_ends(tmp_path
             assert time.monotonic() < deadline, "the running answer was never charged"
             await asyncio.sleep(0.05)
         assert chat.active_streams == 1  # charged while it still runs
-        with pytest.raises(ChatError) as refused:
+        with pytest.raises(ProtocolError) as refused:
             await chat.start("ann", "next", "c2", "another", origin="test")
         assert (refused.value.frame.code, refused.value.frame.retryable) == ("rate_limited", True)
         assert await chat.quota.wait("bob") == 0.0

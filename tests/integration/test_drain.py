@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from backend.app import Runtime
-from backend.chat.service import ChatError, Drained, stream_key
-from backend.protocol import DoneFrame, ErrorFrame
+from backend.chat.service import Drained, stream_key
+from backend.protocol import DoneFrame, ErrorFrame, ProtocolError
 from backend.providers import demo_reply, demo_tokens
+from backend.runtime import Runtime
 from backend.settings import Settings
 from harness.server import TIMEOUT, Client, Server, start_chat, wait_for
 from tests.integration.test_multinode import (
@@ -67,7 +67,7 @@ async def test_drain_refuses_new_chats_and_lets_running_ones_finish(tmp_path: Pa
         await asyncio.sleep(0)  # the drain's first step: new chats are refused from now on
         assert chat.active_streams == 1
         for user, id in (("bob", "s2"), ("ann", "s3")):
-            with pytest.raises(ChatError) as refused:
+            with pytest.raises(ProtocolError) as refused:
                 await chat.start(user, id, "c2", "too late", origin="test")
             frame = refused.value.frame
             assert (frame.code, frame.retryable, frame.id) == ("shutting_down", True, id)

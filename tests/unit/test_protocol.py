@@ -28,11 +28,11 @@ from backend.protocol import (
     ClientFrame,
     DoneFrame,
     ErrorFrame,
-    FrameError,
     HelloFrame,
     MessageFrame,
     PingFrame,
     PongFrame,
+    ProtocolError,
     ResumeFrame,
     ServerFrame,
     TokenFrame,
@@ -330,7 +330,7 @@ def test_decode_client_frame(raw: str, expected: ClientFrame | Refused, as_bytes
     if isinstance(expected, Refused):
         try:
             accepted = decode(data)
-        except FrameError as exc:
+        except ProtocolError as exc:
             error = exc.frame
             assert str(exc) == error.message
         else:
@@ -351,7 +351,7 @@ def test_decode_client_frame(raw: str, expected: ClientFrame | Refused, as_bytes
 def test_a_repeated_type_is_found_around_a_number_of_any_length() -> None:
     # Python's int() refuses over 4300 digits; an unknown field may hold any number.
     raw = '{"type":"ping","t":1,"x":' + "9" * 5000 + ',"type":"ping"}'
-    with pytest.raises(FrameError, match="`type`") as caught:
+    with pytest.raises(ProtocolError, match="`type`") as caught:
         decode_client_frame(raw, max_bytes=65536, max_text=MAX_TEXT)
     assert (caught.value.frame.code, caught.value.frame.id) == ("bad_frame", None)
 
@@ -394,7 +394,7 @@ REFLECTED = [
 
 @pytest.mark.parametrize("raw", REFLECTED)
 def test_error_never_contains_the_offending_value(raw: str) -> None:
-    with pytest.raises(FrameError) as caught:
+    with pytest.raises(ProtocolError) as caught:
         decode(raw)
     assert MARK not in caught.value.frame.message
     assert MARK.encode() not in encode(caught.value.frame)

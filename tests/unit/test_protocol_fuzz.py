@@ -3,7 +3,7 @@ decoder, the body of `POST /api/chat`, and the SSE encoding of server frames.
 
 The decoder is checked against a small reference model written here from PROTOCOL.md
 (`expected`): for any frame, the decoder returns exactly the frame the model builds, or
-raises `FrameError` with the code and id the model predicts, and never anything else.
+raises `ProtocolError` with the code and id the model predicts, and never anything else.
 Runs are derandomized, so CI sees the same examples every time.
 """
 
@@ -34,11 +34,11 @@ from backend.protocol import (
     ClientFrame,
     DoneFrame,
     ErrorFrame,
-    FrameError,
     HelloFrame,
     MessageFrame,
     PingFrame,
     PongFrame,
+    ProtocolError,
     ResumeFrame,
     ServerFrame,
     TokenFrame,
@@ -273,7 +273,7 @@ def outcome(data: str | bytes) -> ClientFrame | ErrorFrame:
     """Decode; a refusal must be a well-formed error frame with a PROTOCOL.md code."""
     try:
         return decode_client_frame(data, max_bytes=MAX_BYTES, max_text=MAX_TEXT)
-    except FrameError as exc:
+    except ProtocolError as exc:
         check_error(exc.frame)
         return exc.frame
 
@@ -350,7 +350,7 @@ def test_text_that_is_not_unicode_is_refused(data: str, as_bytes: bool) -> None:
 
 def test_regression_lone_surrogate_str_is_bad_frame_not_unicode_error() -> None:
     # Found by fuzzing: a str holding a lone surrogate raised UnicodeEncodeError (from the
-    # size check when long, from msgspec when short) instead of FrameError.
+    # size check when long, from msgspec when short) instead of ProtocolError.
     for data in ["\ud800" * MAX_BYTES, '{"type":"cancel","id":"\udc00"}']:
         got = outcome(data)
         assert isinstance(got, ErrorFrame)
@@ -792,7 +792,7 @@ def test_sse_token_text_survives_exactly(data: str, seq: int) -> None:
 def chat_outcome(data: bytes) -> ChatRequest | ErrorFrame:
     try:
         request = decode_chat_request(data, max_bytes=MAX_BYTES, max_text=MAX_TEXT)
-    except FrameError as exc:
+    except ProtocolError as exc:
         check_error(exc.frame)
         assert 400 <= HTTP_STATUS[exc.frame.code] < 500
         return exc.frame

@@ -40,6 +40,9 @@ class RequestRegistry(ABC):
     async def known(self, user: str, id: str) -> bool:
         """Whether (user, id) was claimed and is still remembered."""
 
+    async def aclose(self) -> None:
+        """Release what the registry holds; calling it again does nothing."""
+
 
 class MemoryRequestRegistry(RequestRegistry):
     def __init__(

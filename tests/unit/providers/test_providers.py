@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from backend.app import make_provider
 from backend.protocol import ChatTurn
 from backend.providers import (
     DEFAULT_PARAGRAPHS,
@@ -30,6 +29,7 @@ from backend.providers import (
 )
 from backend.providers.demo import MAX_PARAGRAPHS
 from backend.providers.openai import SSEParser
+from backend.runtime import make_provider
 from backend.settings import Settings
 from harness.server import Client, Server, start_chat
 from tests.support.fake_openai import API_KEY, FakeOpenAI
