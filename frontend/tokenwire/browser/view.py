@@ -4,12 +4,31 @@ the user is ever parsed.
 An assistant message streams: tokens are collected and, once per animation frame, fed to
 the pure `MarkdownStream`, whose append-only operations are applied to the DOM. Nothing
 already shown is rebuilt, so partial tokens ("Hel" + "lo") never flicker or shift.
+
+`Transcript` is the conversation shown (#messages and its #title): its messages, and by id
+the answers still streaming and the user's messages still queued. What is tracked, queued
+or sent is the session's and the outbox's business, not this module's.
 """
 
 from pyscript import document, window
 from pyscript.ffi import create_proxy
 
+from tokenwire.browser.web import listen
 from tokenwire.core.markdown import MarkdownStream
+from tokenwire.core.session import CANCELLED, FAILED
+
+# What an answer ended by an error says, by error code (docs/PROTOCOL.md "Error codes").
+NOTES = {
+    "stream_expired": "This answer is incomplete: it is no longer available.",
+    "provider_error": "The model failed before finishing this answer.",
+    "shutting_down": "The server restarted before finishing this answer.",
+    "not_found": "This answer is incomplete.",
+}
+
+
+def error_note(frame):
+    """The note under an answer that the `error` frame `frame` ended."""
+    return NOTES.get(frame["code"], "This message failed: " + frame["message"])
 
 
 def element(tag, cls=None, text=None):
@@ -130,3 +149,103 @@ def user_message(container, id, text, pending=False):
     node.setAttribute("data-id", id)
     container.appendChild(node)
     return node
+
+
+class Transcript:
+    """The conversation shown, in the DOM: its title and messages, the answers still to
+    stream by stream id (their tokens and their end go there) and the user's messages
+    still queued by request id."""
+
+    def __init__(self, on_retry):
+        self.container = document.getElementById("messages")
+        self.title = document.getElementById("title")
+        self.scroller = Scroller(self.container)
+        self.on_retry = on_retry  # called with the AssistantView whose Retry was clicked
+        self.answers = {}  # stream id -> AssistantView still streaming (or to be sent)
+        self.queued = {}  # request id -> the user message shown as pending
+
+    def clear(self):
+        self.container.replaceChildren()
+        self.answers = {}
+        self.queued = {}
+        self.title.textContent = "tokenwire"
+
+    def set_title(self, text):
+        self.title.textContent = text
+
+    def user(self, id, text):
+        return user_message(self.container, id, text)
+
+    def queued_message(self, id, text, on_cancel=None):
+        """A user message waiting in the queue; with a Cancel button if `on_cancel`."""
+        node = user_message(self.container, id, text, pending=True)
+        if on_cancel is not None:
+            cancel = element("button", "cancel-queued", "Cancel")
+            cancel.type = "button"
+            listen(cancel, "click", lambda _e: on_cancel())
+            node.appendChild(cancel)
+        self.queued[id] = node
+        return node
+
+    def answer(self, id):
+        """An answer from history, shown as it is."""
+        return AssistantView(self.container, id, self.scroller, self.on_retry)
+
+    def live_answer(self, id):
+        """An answer still to stream: its tokens and its end find it by `id`."""
+        view = self.answer(id)
+        self.answers[id] = view
+        return view
+
+    def streaming(self, id):
+        """Whether stream `id` is one of the answers shown here."""
+        return id in self.answers
+
+    def append(self, id, text):
+        """Text of stream `id`, if it is shown here."""
+        view = self.answers.get(id)
+        if view is not None:
+            view.append(text)
+
+    def replace(self, old, new):
+        """`new` takes the place of the answer `old` (Retry)."""
+        self.container.insertBefore(new.root, old.root)
+        old.remove()
+
+    def sent(self, id):
+        """The message went on the wire: it can no longer be taken back."""
+        node = self.queued.get(id)
+        if node is not None:
+            for button in node.querySelectorAll(".cancel-queued"):
+                button.remove()
+
+    def unqueued(self, id):
+        """The message left the queue (stored, or refused for good): no longer pending."""
+        self.sent(id)
+        node = self.queued.pop(id, None)
+        if node is not None:
+            node.classList.remove("pending")
+
+    def drop(self, id):
+        """A queued message was cancelled: it leaves the page, and so does its answer."""
+        node = self.queued.pop(id, None)
+        if node is not None:
+            node.remove()
+        view = self.answers.pop(id, None)
+        if view is not None:
+            view.remove()
+
+    def end(self, id, status, note=None):
+        """The stream `id` ended with `status` (a note and Retry when it failed)."""
+        view = self.answers.get(id)
+        if view is None:
+            return
+        if status == CANCELLED:
+            view.finish(status, "Stopped.")
+        elif status == FAILED:
+            view.finish(status, note or "This answer is incomplete.", retry=True)
+        else:
+            view.finish(status)
+
+    def to_bottom(self):
+        self.scroller.to_bottom()

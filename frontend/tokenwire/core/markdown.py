@@ -37,18 +37,43 @@ Deliberate choices (a small, predictable subset of CommonMark; anything else is 
 
 Everything is linear in the text: the held-back pieces are bounded and each character is
 looked at a constant number of times.
+
+This module is the character machine: block structure (paragraphs, lists, quotes, headings,
+code blocks) and inline markup. What kind a line is comes from `markdown_lines`; the
+operations' helpers (`TAGS`, `coalesce`, `plain_text`, `render_ops_to_html`) live in
+`markdown_ops` and are importable from here too.
 """
 
-TAGS = ("p", "ul", "ol", "li", "pre", "code", "strong", "em", "h1", "h2", "h3", "blockquote")
+# Relative imports: this module is imported as `tokenwire.core.markdown` by the page and as
+# `frontend.tokenwire.core.markdown` by CPython tests and the e2e page helper.
+from .markdown_lines import (
+    BLANK,
+    CLOSE_FENCE,
+    CODE_LINE,
+    HEADING,
+    ITEM,
+    MAX_INDENT,
+    OPEN_FENCE,
+    QUOTE,
+    UNDECIDED,
+    classify,
+    fence_language,
+)
+from .markdown_ops import TAGS, coalesce, plain_text, render_ops_to_html
 
-MAX_INDENT = 8  # more leading whitespace than this makes the line plain text, kept as is
-MAX_OL_DIGITS = 9  # "1234567890." is not a list marker (as in CommonMark)
+# Imported from here by the page, the unit tests and the e2e page helper.
+__all__ = (
+    "MAX_INDENT",
+    "TAGS",
+    "MarkdownStream",
+    "coalesce",
+    "plain_text",
+    "render_ops_to_html",
+)
+
 MAX_FENCE_LINE = 64  # characters of an opening fence line kept to find the language
-MAX_LANGUAGE = 20
 NEST_INDENT = 2  # an item this much deeper than the current one starts a nested list
 
-_LANGUAGE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-.#"
-_SPACE = " \t"
 _INLINE_TAGS = ("strong", "em", "code")
 
 # Modes of the character machine.
@@ -56,127 +81,6 @@ _HEAD = 0  # at the start of a line, holding its first characters until its kind
 _INLINE = 1  # in the rest of a paragraph, list item, heading or quote line
 _FENCE = 2  # in the rest of an opening fence line (the language)
 _CODE = 3  # in the rest of a line inside a fenced code block
-
-# Line kinds, as decided by _classify.
-_UNDECIDED = None
-_BLANK = "blank"
-_TEXT = "text"
-_ITEM = "item"
-_HEADING = "heading"
-_QUOTE = "quote"
-_OPEN_FENCE = "fence"
-_CLOSE_FENCE = "close-fence"
-_CODE_LINE = "code-line"
-
-
-def _indent(head: str) -> int:
-    i = 0
-    while i < len(head) and head[i] in _SPACE:
-        i += 1
-    return i
-
-
-def _run(s: str, start: int, ch: str) -> int:
-    """Index just after the run of `ch` that begins at `start`."""
-    i = start
-    while i < len(s) and s[i] == ch:
-        i += 1
-    return i
-
-
-def _classify(head: str, end_of_line: bool, in_code: bool) -> tuple | None:
-    """The kind of a line from its first characters, or None while it could still go either way.
-
-    Returns (kind, content_start, extra): the line's own text starts at head[content_start:];
-    `extra` is (list tag, indent, number) for items, the level for headings, and for quotes
-    whether the line is an empty ">" line.
-    """
-    indent = _indent(head)
-    if indent == len(head):  # only whitespace so far
-        if end_of_line:
-            return (_CODE_LINE, 0, None) if in_code else (_BLANK, 0, None)
-        if indent > MAX_INDENT:
-            return (_CODE_LINE if in_code else _TEXT, 0, None)
-        return _UNDECIDED
-    if indent > MAX_INDENT:
-        return (_CODE_LINE if in_code else _TEXT, 0, None)
-    rest = head[indent:]
-    if in_code:
-        fence_end = _run(rest, 0, "`")
-        if fence_end < 3:
-            if fence_end == len(rest) and not end_of_line:
-                return _UNDECIDED
-            return (_CODE_LINE, 0, None)
-        if fence_end == 3 and _indent(rest[3:]) == len(rest) - 3:
-            if end_of_line:
-                return (_CLOSE_FENCE, 0, None)
-            if len(head) <= MAX_INDENT + 3 + MAX_INDENT:
-                return _UNDECIDED
-        return (_CODE_LINE, 0, None)
-
-    first = rest[0]
-    if first in "-*+" or first.isdigit():
-        if first.isdigit():
-            marker_end = indent + _run_digits(rest)
-            digits = marker_end - indent
-            if digits > MAX_OL_DIGITS:
-                return (_TEXT, indent, None)
-            if marker_end == len(head):
-                return (_TEXT, indent, None) if end_of_line else _UNDECIDED
-            if head[marker_end] not in ".)":
-                return (_TEXT, indent, None)
-            marker_end += 1
-            item = ("ol", indent, int(head[indent : marker_end - 1]))
-        else:
-            marker_end = indent + 1
-            item = ("ul", indent, 1)
-        if marker_end == len(head):
-            return (_TEXT, indent, None) if end_of_line else _UNDECIDED
-        if head[marker_end] in _SPACE:
-            return (_ITEM, marker_end + 1, item)
-        return (_TEXT, indent, None)
-    if first == "#":
-        level = _run(rest, 0, "#")
-        if level == len(rest):
-            if level <= 3 and not end_of_line:
-                return _UNDECIDED
-            return (_TEXT, indent, None)
-        if level <= 3 and rest[level] in _SPACE:
-            return (_HEADING, indent + level + 1, level)
-        return (_TEXT, indent, None)
-    if first == ">":
-        if len(rest) == 1:
-            return (_QUOTE, len(head), True) if end_of_line else _UNDECIDED
-        skip = 1 if rest[1] in _SPACE else 0
-        return (_QUOTE, indent + 1 + skip, False)
-    if first == "`":
-        ticks = _run(rest, 0, "`")
-        if ticks >= 3:
-            return (_OPEN_FENCE, indent + 3, None)
-        if ticks == len(rest) and not end_of_line:
-            return _UNDECIDED
-        return (_TEXT, indent, None)
-    return (_TEXT, indent, None)
-
-
-def _run_digits(s: str) -> int:
-    i = 0
-    while i < len(s) and s[i].isdigit():
-        i += 1
-    return i
-
-
-def _language(info: str) -> str | None:
-    words = info.split()
-    if not words:
-        return None
-    word = words[0]
-    if len(word) > MAX_LANGUAGE:
-        return None
-    for ch in word:
-        if ch not in _LANGUAGE_CHARS:
-            return None
-    return word
 
 
 class MarkdownStream:
@@ -259,8 +163,8 @@ class MarkdownStream:
             end_of_line = ch == "\n"
             if not end_of_line:
                 self._head += ch
-            kind = _classify(self._head, end_of_line, in_code)
-            if kind is _UNDECIDED:
+            kind = classify(self._head, end_of_line, in_code)
+            if kind is UNDECIDED:
                 i += 1
                 continue
             head = self._head
@@ -275,31 +179,31 @@ class MarkdownStream:
     def _start_line(self, kind: tuple, head: str, ops: list) -> None:
         what, start, extra = kind
         content = head[start:]
-        if what == _CODE_LINE:
+        if what == CODE_LINE:
             if self._code_lines:
                 self._text("\n", ops)
             self._code_lines += 1
             self._text(content, ops)
             self._mode = _CODE
             return
-        if what == _CLOSE_FENCE:
+        if what == CLOSE_FENCE:
             self._close_all(ops)
             return
-        if what == _BLANK:
+        if what == BLANK:
             self._close_all(ops)
             return
-        if what == _OPEN_FENCE:
+        if what == OPEN_FENCE:
             self._close_all(ops)
             self._fence_info = content[:MAX_FENCE_LINE]
             self._mode = _FENCE
             return
-        if what == _HEADING:
+        if what == HEADING:
             self._close_all(ops)
             self._open("h" + str(extra), ops)
             self._block = "heading"
-        elif what == _ITEM:
+        elif what == ITEM:
             self._start_item(extra, ops)
-        elif what == _QUOTE:
+        elif what == QUOTE:
             if not self._start_quote_line(extra, ops):
                 self._mode = _INLINE
                 return
@@ -369,7 +273,7 @@ class MarkdownStream:
 
     def _open_code_block(self, ops: list) -> None:
         self._open("pre", ops)
-        language = _language(self._fence_info)
+        language = fence_language(self._fence_info)
         self._fence_info = ""
         self._stack.append("code")
         ops.append(("open", "code", language) if language else ("open", "code"))
@@ -486,44 +390,3 @@ class MarkdownStream:
         self._block = None
         self._lists = []
         self._quote_paragraph = False
-
-
-def coalesce(ops: list) -> list:
-    """`ops` with adjacent "text" operations merged, as they end up in the DOM."""
-    merged = []
-    for op in ops:
-        if op[0] == "text" and merged and merged[-1][0] == "text":
-            merged[-1] = ("text", merged[-1][1] + op[1])
-        else:
-            merged.append(op)
-    return merged
-
-
-def plain_text(ops: list) -> str:
-    """The text the operations put on the page, markup left out."""
-    return "".join([op[1] for op in ops if op[0] == "text"])
-
-
-def _escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def render_ops_to_html(ops: list) -> str:
-    """The HTML the operations build (for tests and debugging; the page never parses HTML)."""
-    parts = []
-    stack = []
-    for op in ops:
-        if op[0] == "text":
-            parts.append(_escape(op[1]))
-        elif op[0] == "open":
-            tag = op[1]
-            attribute = ""
-            if len(op) > 2 and tag == "code":
-                attribute = ' class="language-' + _escape(op[2]) + '"'
-            elif len(op) > 2 and tag == "ol":
-                attribute = ' start="' + _escape(op[2]) + '"'
-            parts.append("<" + tag + attribute + ">")
-            stack.append(tag)
-        else:
-            parts.append("</" + stack.pop() + ">")
-    return "".join(parts)
